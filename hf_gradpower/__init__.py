@@ -1,0 +1,40 @@
+"""GradPower for Hugging Face: phi_p(g) = sign(g) * |g|^p before any optimizer (arXiv 2505.24275).
+
+Layers, following ``theta <- theta - lr * Q(phi(g))``:
+  transform   phi_p itself (pure torch)
+  attach      GradPower on any torch optimizer (one line)
+  muon        the Muon/AdamW hybrid (Q for MuonPower)
+  optimizers  optimizers by name: adamw, adampower, muon, muonpower, sgdpower, ...
+  trainer     GradPowerTrainer / GradPowerTrainingArguments (imported lazily: needs transformers)
+"""
+
+from hf_gradpower.attach import apply_now, attach, detach, gradpower_p
+from hf_gradpower.muon import MuonAdamW
+from hf_gradpower.optimizers import available_optimizers, build_optimizer, register_optimizer
+from hf_gradpower.transform import DEFAULT_POWER, power_, sign_power, validate_power
+
+__all__ = [
+    "DEFAULT_POWER",
+    "GradPowerTrainer",
+    "GradPowerTrainingArguments",
+    "MuonAdamW",
+    "apply_now",
+    "attach",
+    "available_optimizers",
+    "build_optimizer",
+    "detach",
+    "gradpower_p",
+    "power_",
+    "register_optimizer",
+    "sign_power",
+    "validate_power",
+]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in ("GradPowerTrainer", "GradPowerTrainingArguments"):
+        from hf_gradpower import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'hf_gradpower' has no attribute {name!r}")

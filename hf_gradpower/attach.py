@@ -1,0 +1,144 @@
+"""Attach GradPower to any torch optimizer in one line: ``gradpower.attach(optimizer, p=1.2)``.
+
+Design: ``p`` is stored in each param group (key ``gradpower_p``) and one process-wide
+``torch.optim`` step pre-hook, registered when this module is imported, applies phi_p to the
+gradients of every group that carries the key, right before the base optimizer's own ``step``.
+
+Why a hook on the raw optimizer rather than a wrapper class:
+  * the optimizer keeps its class, ``param_groups``, ``state`` and ``state_dict`` — LR schedulers,
+    Accelerate's ``AcceleratedOptimizer``, Trainer checkpointing and ``isinstance`` checks see the
+    optimizer they expect (wrappers are the classic source of broken checkpoints);
+  * it fires once per real step: after gradient accumulation, after the DDP all-reduce, after
+    GradScaler's unscale and never when GradScaler skips the step on inf/NaN;
+  * ``p`` lives in the param groups, so it is saved in ``optimizer.state_dict()``, restored by
+    ``load_state_dict`` into a freshly built optimizer, and survives ``copy.deepcopy``/pickling —
+    per-instance hooks would silently vanish in each of those cases;
+  * the hook reads ``optimizer.grad_scale``, which GradScaler sets when the optimizer unscales inside
+    its own kernel (fused Adam/AdamW): those gradients still carry the loss scale and are transformed
+    as ``s * phi(g / s)``.
+
+Order with clipping: by default the hook runs at ``step``, i.e. after any clipping you did.
+The paper's order is power first: call :func:`apply_now` before clipping; the hook then skips that
+step (see ``GradPowerTrainer`` for the Trainer integration).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.optim.optimizer as torch_optimizer
+
+from hf_gradpower.transform import DEFAULT_POWER, power_, validate_power
+
+logger = logging.getLogger(__name__)
+
+GROUP_KEY = "gradpower_p"
+_APPLIED_FLAG = "_gradpower_applied_this_step"
+
+
+def attach(optimizer: torch.optim.Optimizer, p: float = DEFAULT_POWER) -> torch.optim.Optimizer:
+    """Make ``optimizer`` apply phi_p to its gradients at every step; returns the same optimizer.
+
+    ``p = 1`` keeps the key (so checkpoints say what ran) but leaves the updates bit-identical.
+    Param groups added later (``add_param_group``) inherit ``p`` through ``optimizer.defaults``.
+    """
+    optimizer = _unwrap(optimizer)
+    p = validate_power(p)
+    for group in optimizer.param_groups:
+        group[GROUP_KEY] = p
+    optimizer.defaults[GROUP_KEY] = p
+    optimizer.register_load_state_dict_pre_hook(_keep_power_on_load)
+    return optimizer
+
+
+def detach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Remove GradPower from ``optimizer`` (it becomes its bare base optimizer again)."""
+    optimizer = _unwrap(optimizer)
+    for group in optimizer.param_groups:
+        group.pop(GROUP_KEY, None)
+    optimizer.defaults.pop(GROUP_KEY, None)
+    return optimizer
+
+
+def gradpower_p(optimizer: torch.optim.Optimizer) -> float | None:
+    """The ``p`` of the optimizer (``None`` if GradPower is not attached); raises if groups disagree."""
+    powers = {g.get(GROUP_KEY) for g in _unwrap(optimizer).param_groups}
+    if len(powers) > 1:
+        raise ValueError(f"param groups carry different gradpower p values: {sorted(map(str, powers))}")
+    return powers.pop() if powers else None
+
+
+@torch.no_grad()
+def apply_now(optimizer: torch.optim.Optimizer, *, grad_scale: torch.Tensor | float | None = None) -> None:
+    """Transform the gradients now (e.g. before clipping) and skip the transform at the next ``step``.
+
+    ``grad_scale`` is the loss scale the gradients still carry, if any (GradScaler before unscale_).
+    """
+    optimizer = _unwrap(optimizer)
+    _power_groups(optimizer, grad_scale)
+    setattr(optimizer, _APPLIED_FLAG, True)
+
+
+def _power_groups(optimizer: torch.optim.Optimizer, grad_scale) -> None:
+    for group in optimizer.param_groups:
+        p = group.get(GROUP_KEY)
+        if p is not None and p != 1.0:
+            power_((q.grad for q in group["params"]), p, grad_scale=grad_scale)
+
+
+def _step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Global ``Optimizer.step`` pre-hook: phi_p on the groups that carry ``gradpower_p``."""
+    if _wraps_optimizer(optimizer):
+        return  # a wrapper steps its inner optimizer, whose own step fires this hook
+    if getattr(optimizer, _APPLIED_FLAG, False):
+        setattr(optimizer, _APPLIED_FLAG, False)
+        return
+    if not any(group.get(GROUP_KEY, 1.0) != 1.0 for group in optimizer.param_groups):
+        return
+    if "grad_scaler" in kwargs:
+        raise NotImplementedError(
+            f"{type(optimizer).__name__}.step received grad_scaler=...: GradPower cannot see the loss scale "
+            "there. Call scaler.unscale_(optimizer) before scaler.step(optimizer)."
+        )
+    # GradScaler sets grad_scale on optimizers that unscale inside their kernel (fused Adam/AdamW);
+    # it is None when the gradients were already unscaled (unscale_ or clipping ran first).
+    _power_groups(optimizer, getattr(optimizer, "grad_scale", None))
+
+
+def _keep_power_on_load(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """Loading a checkpoint saved without GradPower must not silently drop the attached ``p``."""
+    attached = optimizer.defaults.get(GROUP_KEY)
+    if attached is None:
+        return state_dict
+    state_dict["param_groups"] = [dict(group) for group in state_dict["param_groups"]]  # not the caller's
+    for group in state_dict["param_groups"]:
+        saved = group.setdefault(GROUP_KEY, attached)
+        if saved != attached:
+            logger.warning("optimizer checkpoint has gradpower p=%s; it replaces the attached p=%s", saved, attached)
+    return state_dict
+
+
+def _wraps_optimizer(optimizer) -> bool:
+    return isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)
+
+
+def _unwrap(optimizer):
+    """The innermost torch optimizer (Accelerate's ``AcceleratedOptimizer`` and similar wrap one)."""
+    while _wraps_optimizer(optimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"gradpower needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _register_once() -> None:
+    """One global hook per process, even if this module is reloaded."""
+    marker = "_hf_gradpower_hook_handle"
+    old = getattr(torch_optimizer, marker, None)
+    if old is not None:
+        old.remove()
+    setattr(torch_optimizer, marker, torch_optimizer.register_optimizer_step_pre_hook(_step_pre_hook))
+
+
+_register_once()

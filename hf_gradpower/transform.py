@@ -1,0 +1,102 @@
+"""The GradPower transform phi_p(g) = sign(g) * |g|^p, applied in place to gradients.
+
+This is the paper's phi in ``theta <- theta - lr * Q(phi(g))``: a stateless, elementwise map, so it
+commutes with data-parallel sharding (it works on FSDP2 ``DTensor`` shards) and needs no optimizer
+state. It is pure torch on purpose: optimizers, the Trainer and custom loops all call it.
+
+Numerics. ``|g|^p`` underflows and loses digits in bf16/fp16 when ``p > 1`` (|g| ~ 1e-4 is common),
+so low-precision gradients are transformed in fp32 and rounded back once. Loss-scaled gradients
+``s * g`` must be unscaled first, because ``phi(s * g) = s^p * phi(g)``: ``grad_scale=s`` gives
+``s * phi(g / s)``, i.e. the transform of the true gradient, still carrying the scale the fused
+AdamW kernel (or the clipping code) will divide out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from hf_gradpower._kernels import sign_power_
+
+DEFAULT_POWER = 1.2
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def validate_power(p: float) -> float:
+    """Return ``p`` as a float, or raise one clear ``ValueError`` if it is not a usable exponent."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise ValueError(f"gradpower p must be a real number, got {p!r} ({type(p).__name__}); use e.g. p=1.2.")
+    p = float(p)
+    if not math.isfinite(p) or p <= 0:
+        raise ValueError(
+            f"gradpower p must be finite and > 0, got p={p}; the paper's default is 1.2 (p=1 disables GradPower)."
+        )
+    return p
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (an in-place view of its data), or ``t`` itself."""
+    if type(t).__name__ == "DTensor":
+        if any(pl.is_partial() for pl in t.placements):
+            raise ValueError(
+                "gradpower cannot transform a DTensor gradient with a Partial placement (not yet reduced): "
+                "phi(sum) != sum(phi). Apply GradPower after the gradient reduction (at optimizer.step)."
+            )
+        return t.to_local()
+    return t
+
+
+def sign_power_tensor_(g: torch.Tensor, p: float) -> torch.Tensor:
+    """In place ``g <- sign(g) * |g|^p`` for one dense floating tensor; returns ``g``."""
+    if g.is_sparse:
+        raise ValueError("gradpower does not support sparse gradients; use dense gradients (e.g. sparse=False).")
+    if not g.is_floating_point():
+        raise ValueError(f"gradpower needs floating-point gradients, got dtype {g.dtype}.")
+    local = _local(g)
+    if local.numel() == 0:
+        return g
+    if local.dtype == torch.float32:
+        sign_power_(local, p)
+    elif local.dtype in _LOW_PRECISION:
+        work = local.float()
+        sign_power_(work, p)
+        local.copy_(work)
+    else:  # float64: exact enough in its own precision
+        local.copy_(local.abs().pow(p).copysign(local))
+    return g
+
+
+@torch.no_grad()
+def power_(
+    grads: Iterable[torch.Tensor | None], p: float, *, grad_scale: torch.Tensor | float | None = None
+) -> None:
+    """Apply phi_p in place to every tensor in ``grads`` (``None`` entries are skipped).
+
+    ``grad_scale``: the loss scale the gradients still carry (GradScaler); the result is
+    ``s * phi(g / s)`` so that dividing by ``s`` later yields ``phi`` of the true gradient.
+    ``p == 1`` is the identity and returns without touching memory (bit-exact baseline).
+    """
+    p = validate_power(p)
+    if p == 1.0:
+        return
+    for g in grads:
+        if g is None:
+            continue
+        if grad_scale is None:
+            sign_power_tensor_(g, p)
+        else:
+            _local(g).div_(grad_scale)
+            sign_power_tensor_(g, p)
+            _local(g).mul_(grad_scale)
+
+
+def sign_power(g: torch.Tensor, p: float) -> torch.Tensor:
+    """Out-of-place phi_p (for analysis and tests); same numerics as :func:`power_`."""
+    p = validate_power(p)
+    out = g.detach().clone()
+    if p != 1.0:
+        sign_power_tensor_(out, p)
+    return out

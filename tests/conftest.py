@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models built from configs (nothing is downloaded) and synthetic token data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+VOCAB = 64
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_qwen2moe(seed: int = 0) -> Qwen2MoeForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        num_experts=4, num_experts_per_tok=2, max_position_embeddings=64, use_sliding_window=False,
+        output_router_logits=True, router_aux_loss_coef=0.01, tie_word_embeddings=False,
+    )
+    return Qwen2MoeForCausalLM(config)
+
+
+def patterned_tokens(n: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """Learnable sequences: each row counts up from a random start with a random stride (mod VOCAB)."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, VOCAB, (n, 1), generator=g)
+    stride = torch.randint(1, 4, (n, 1), generator=g)
+    return (start + stride * torch.arange(seq)) % VOCAB
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def qwen2moe():
+    return tiny_qwen2moe()
