@@ -186,7 +186,7 @@ def _zeropower_via_newtonschulz_batched(
 
 
 def _check_muon_group(group: dict) -> None:
-    split = group["ns_split"]
+    split = group.get("ns_split", 1)
     for param in group["params"]:
         if type(param).__name__ == "DTensor" or param.ndim not in (2, 3):
             raise ValueError(
