@@ -43,6 +43,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def phi_kernel(device: str) -> str:
+    """Which implementation of phi ran: the C kernel on CPU fp32, else torch's eager ops."""
+    info = _kernels.kernel_info()
+    fast = device == "cpu" and info.get("available") and info.get("mode") != "eager"
+    return info.get("impl", "c") if fast else "eager-torch"
+
+
 def run(device: str, steps: int, warmup: int) -> dict:
     names = [n for pair in PAIRS for n in pair]
     models = {n: bench_model(device) for n in names}
@@ -70,7 +77,7 @@ def run(device: str, steps: int, warmup: int) -> dict:
         "threads": torch.get_num_threads(),
         "parameters": n_params,
         "steps": steps,
-        "kernel": _kernels.selected_path() if hasattr(_kernels, "selected_path") else "n/a",
+        "kernel": phi_kernel(device),
         "median_ms": medians,
         "ratio": {power: medians[power] / medians[base] for base, power in PAIRS},
         "state_bytes": {n: state_bytes(o) for n, o in optimizers.items()},

@@ -8,7 +8,13 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from hf_gradpower.recipes import RECIPES, get_recipe, gradient_accumulation_steps, schedule_arguments, steps_for_tokens
+from hf_gradpower.recipes import (
+    RECIPES,
+    get_recipe,
+    gradient_accumulation_steps,
+    schedule_arguments,
+    steps_for_tokens,
+)
 
 
 def lr_curve(schedule: str, max_steps: int, warmup: int, lr_max=1e-3, ratio=0.1) -> list[float]:
@@ -32,7 +38,7 @@ def test_peak_at_warmup_end_and_lr_min_at_the_last_step(schedule):
     assert lrs[20] == pytest.approx(1e-3)
     assert max(lrs) == pytest.approx(1e-3)
     assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
-    assert all(b >= a for a, b in zip(lrs[:20], lrs[1:21]))  # linear warm-up rises
+    assert all(b >= a for a, b in zip(lrs[:20], lrs[1:21], strict=True))  # linear warm-up rises
 
 
 def test_wsd_is_constant_until_80_percent_then_decays_linearly():
