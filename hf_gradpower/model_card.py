@@ -1,0 +1,122 @@
+"""What a finished run leaves beside its weights: metrics log (JSON, CSV), loss-curve plot, model card.
+
+The card is the output directory's ``README.md``, so ``push_to_hub`` publishes it with the weights;
+``gradpower.json`` holds the run's optimizer facts for tools (``run_eval.py`` labels columns with it).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+RUN_INFO_FILE = "gradpower.json"
+
+
+def write_metrics(log_history: list[dict], output_dir: str | Path) -> tuple[Path, Path]:
+    """``metrics.json`` (Trainer's log history as is) and ``metrics.csv`` (one row per logged step)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out / "metrics.json", out / "metrics.csv"
+    json_path.write_text(json.dumps(log_history, indent=1))
+    keys = sorted({k for row in log_history for k in row}, key=lambda k: (k != "step", k))
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(log_history)
+    return json_path, csv_path
+
+
+def loss_curves(log_history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series for train ``loss`` and ``eval_loss``."""
+    return {
+        key: [(row["step"], row[key]) for row in log_history if key in row and "step" in row]
+        for key in ("loss", "eval_loss")
+    }
+
+
+def plot_loss(log_history: list[dict], path: str | Path, title: str) -> Path:
+    """Train and eval loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = loss_curves(log_history)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for key, label, style in (("loss", "train", "-"), ("eval_loss", "eval", "o-")):
+        if curves[key]:
+            steps, values = zip(*curves[key], strict=True)
+            ax.plot(steps, values, style, label=label, markersize=3)
+    ax.set(xlabel="step", ylabel="cross-entropy loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_model_card(output_dir: str | Path, run_info: dict, log_history: list[dict]) -> Path:
+    """Write ``README.md`` (model card), ``gradpower.json``, the metrics and ``loss_curve.png``."""
+    out = Path(output_dir)
+    write_metrics(log_history, out)
+    curves = loss_curves(log_history)
+    final = {key: (series[-1][1] if series else None) for key, series in curves.items()}
+    info = {**run_info, "final_train_loss": final["loss"], "final_eval_loss": final["eval_loss"]}
+    (out / RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
+    optimizer_label = label_of(info)
+    plot_loss(log_history, out / "loss_curve.png", f"{info.get('model_config', '')} / {optimizer_label}")
+
+    def fmt(key, v):
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            return f"{v:.4f}" if "loss" in key else f"{v:g}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    rows = [
+        ("architecture", info.get("architecture")), ("model config", info.get("model_config")),
+        ("parameters", info.get("parameters")), ("optimizer", optimizer_label),
+        ("GradPower p", info.get("gradpower_p")), ("GradPower order", info.get("gradpower_order")),
+        ("schedule", info.get("schedule")), ("peak lr", info.get("learning_rate")),
+        ("dataset", info.get("dataset")), ("tokenizer", info.get("tokenizer")),
+        ("sequence length", info.get("seq_len")), ("global batch (sequences)", info.get("global_batch")),
+        ("steps", info.get("max_steps")), ("tokens seen", info.get("tokens")),
+        ("final train loss", final["loss"]), ("final eval loss", final["eval_loss"]),
+    ]
+    table = "\n".join(f"| {k} | {fmt(k, v)} |" for k, v in rows)
+    card = f"""---
+library_name: transformers
+tags:
+- gradpower
+- {info.get("optim", "")}
+- pre-training
+---
+
+# {info.get("model_config", "model")} pre-trained with {optimizer_label}
+
+Pre-trained from scratch with [hf_gradpower](https://arxiv.org/abs/2505.24275): every gradient element
+is replaced by `sign(g) * |g|^p` before the base optimizer step.
+
+| | |
+|---|---|
+{table}
+
+![loss curve](loss_curve.png)
+
+Metrics per logged step: `metrics.json`, `metrics.csv`. Run facts: `{RUN_INFO_FILE}`.
+"""
+    path = out / "README.md"
+    path.write_text(card)
+    return path
+
+
+def label_of(info: dict) -> str:
+    """Paper-style optimizer label: ``AdamW``, ``AdamPower(p=1.2)``, ``MuonPower(p=1.2)``, ``SGDPower(p=1.5)``."""
+    names = {"adamw": "AdamW", "adampower": "AdamPower", "muon": "Muon", "muonpower": "MuonPower"}
+    optim = str(info.get("optim", "?"))
+    label = names.get(optim, optim)
+    if optim.endswith("power") and info.get("gradpower_p") is not None:
+        label = f"{label}(p={info['gradpower_p']:g})"
+    return label
