@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_gradpower import data as gp_data
 from hf_gradpower.model_card import write_model_card
@@ -143,6 +142,8 @@ def parse_args(argv: list[str] | None = None):
     }
     if on_gpu and known.bf16 is None and known.fp16 is None and torch.cuda.is_bf16_supported():
         defaults["bf16"] = True
+    if not torch.cuda.is_available():
+        defaults["use_cpu"] = True  # also what makes `accelerate launch` start gloo processes on a CPU box
     parser = HfArgumentParser((ModelArguments, DataArguments, GradPowerTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=_to_cli(defaults) + user)
     facts = {
@@ -205,7 +206,27 @@ def _checkpoint_to_resume(args) -> str | None:
     resume = args.resume_from_checkpoint
     if resume is None or resume.lower() not in ("latest", "true"):
         return resume
-    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    last = last_complete_checkpoint(args.output_dir)
     if last is None:
-        raise ValueError(f"--resume_from_checkpoint {resume}: no checkpoint-* folder in {args.output_dir}")
+        raise ValueError(f"--resume_from_checkpoint {resume}: no complete checkpoint-* folder in {args.output_dir}")
     return last
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest checkpoint that was fully written.
+
+    Trainer writes a checkpoint in place, ``trainer_state.json`` last; a process killed mid-save leaves a
+    folder without it (or with it truncated). Such folders are skipped, so a restart never trips on them.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    for ckpt in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            logger.warning("skipping incomplete checkpoint %s (interrupted while saving)", ckpt)
+            continue
+        return str(ckpt)
+    return None

@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from hf_gradpower.pretrain import parse_args, run
+from hf_gradpower.pretrain import last_complete_checkpoint, parse_args, run
 
-QUICK = ["--seq_len", "64", "--global_batch_size", "8", "--per_device_train_batch_size", "8", "--max_steps", "6",
-         "--eval_steps", "3", "--save_steps", "3", "--logging_steps", "1", "--eval_docs", "20",
-         "--max_eval_blocks", "8", "--disable_tqdm", "true"]
+REPO = Path(__file__).resolve().parent.parent
+
+QUICK_SETTINGS = {"seq_len": 64, "global_batch_size": 8, "per_device_train_batch_size": 8, "max_steps": 6,
+                  "eval_steps": 3, "save_steps": 3, "logging_steps": 1, "eval_docs": 20, "max_eval_blocks": 8,
+                  "disable_tqdm": "true"}
+
+
+def quick(**changes) -> list[str]:
+    """The default job, shortened to seconds; ``changes`` override single settings."""
+    return [token for key, value in {**QUICK_SETTINGS, **changes}.items() for token in (f"--{key}", str(value))]
+
+
+QUICK = quick()
 
 
 def losses(output_dir):
@@ -39,13 +54,6 @@ def test_config_file_then_flags(tmp_path):
     assert (args.optim, args.gradpower_p, args.max_steps, model_args.schedule) == ("muonpower", 1.3, 20, "wsd")
     assert args.lr_scheduler_kwargs["num_decay_steps"] == 20 - 1 - 16  # wsd from the final max_steps
     assert (args.adam_beta2, args.weight_decay, args.max_grad_norm) == (0.95, 0.1, 1.0)  # the paper's baseline
-
-
-def test_global_batch_is_kept_by_accumulation(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    _, _, args, facts = parse_args(["--global_batch_size", "32", "--per_device_train_batch_size", "4",
-                                    "--output_dir", str(tmp_path)])
-    assert args.gradient_accumulation_steps == 4 and facts["global_batch"] == 32
 
 
 def test_resume_continues_with_the_uninterrupted_losses(tmp_path):
@@ -91,3 +99,55 @@ def test_empty_data_file_is_refused(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="empty"):
         run(["--dataset", str(empty), "--output_dir", str(tmp_path / "never")])
+
+
+def _cli(*args):
+    return [sys.executable, str(REPO / "run_pretrain.py"), *args]
+
+
+def test_two_processes_reproduce_one_process_with_the_same_global_batch(tmp_path):
+    """2 gloo processes x 2 sequences x 2 accumulation steps == 1 process x 8 sequences.
+
+    `accelerate launch --multi_gpu --num_processes 2` starts two gloo processes on this CPU machine; the
+    script derives the accumulation from the number of processes so the global batch stays 8.
+    """
+    pytest.importorskip("accelerate")
+    single = run(QUICK + ["--output_dir", str(tmp_path / "one")])
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    argv = quick(per_device_train_batch_size=2)
+    proc = subprocess.run(launch + _cli(*argv, "--output_dir", str(tmp_path / "two"))[1:], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((tmp_path / "two" / "gradpower.json").read_text())
+    state = json.loads((tmp_path / "two" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert info["global_batch"] == 8 and state["train_batch_size"] == 2
+    two, one = losses(tmp_path / "two"), losses(single)
+    assert [two[s] for s in sorted(two)] == pytest.approx([one[s] for s in sorted(one)], rel=1e-5)
+
+
+def test_sigkill_mid_run_then_restart_loses_at_most_save_steps(tmp_path):
+    out = tmp_path / "killed"
+    argv = quick(max_steps=12, save_steps=2) + ["--output_dir", str(out)]
+    proc = subprocess.Popen(_cli(*argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoint-4" / "trainer_state.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "run ended before its 4th step"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # a save interrupted half-way: the newest folder has weights but no trainer state
+    broken = out / "checkpoint-10"
+    shutil.copytree(out / "checkpoint-4", broken)
+    (broken / "trainer_state.json").write_text('{"global_step": 1')  # truncated
+    assert last_complete_checkpoint(out) is not None and not last_complete_checkpoint(out).endswith("-10")
+
+    restarted = subprocess.run(_cli(*argv, "--resume_from_checkpoint", "latest"), capture_output=True, text=True,
+                               timeout=600)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    uninterrupted = run(quick(max_steps=12, save_steps=2) + ["--output_dir", str(tmp_path / "whole")])
+    got, want = losses(out), losses(uninterrupted)
+    assert max(got) == 12
+    assert [got[s] for s in range(min(got), 13)] == pytest.approx([want[s] for s in range(min(got), 13)], rel=1e-5)
