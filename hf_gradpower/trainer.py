@@ -16,10 +16,12 @@ Order (``gradpower_order``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
 from hf_gradpower.attach import apply_now
+from hf_gradpower.model_card import RUN_INFO_FILE
 from hf_gradpower.optimizers import available_optimizers, build_optimizer, resolve_name
 from hf_gradpower.transform import DEFAULT_POWER, validate_power
 
@@ -123,6 +125,12 @@ class GradPowerTrainer(Trainer):
         if getattr(self.args, "gradpower_order", "after_clip") == "before_clip":
             apply_now(self.optimizer, grad_scale=self._pending_loss_scale())
         return super()._clip_grad_norm(model)
+
+    def create_model_card(self, *args, **kwargs):
+        """Keep the run's own card (written by ``model_card.write_model_card``) when pushing to the Hub."""
+        if (Path(self.args.output_dir) / RUN_INFO_FILE).exists():
+            return None
+        return super().create_model_card(*args, **kwargs)
 
     def _pending_loss_scale(self):
         """The fp16 loss scale the gradients still carry at clipping time, or None."""

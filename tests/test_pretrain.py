@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -151,3 +152,29 @@ def test_sigkill_mid_run_then_restart_loses_at_most_save_steps(tmp_path):
     got, want = losses(out), losses(uninterrupted)
     assert max(got) == 12
     assert [got[s] for s in range(min(got), 13)] == pytest.approx([want[s] for s in range(min(got), 13)], rel=1e-5)
+
+
+class FakeHub:
+    """Stands in for the Hub's HTTP API (unreachable here); records what would be uploaded."""
+
+    def __init__(self):
+        self.uploads: list[set[str]] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=f"user/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        self.uploads.append({p.name for p in Path(folder_path).iterdir()})
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}")
+
+
+def test_push_to_hub_uploads_weights_and_our_model_card(tmp_path, monkeypatch):
+    import transformers.trainer
+
+    hub = FakeHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    out = run(quick(save_steps=6) + ["--output_dir", str(tmp_path / "pushed"), "--push_to_hub", "true",
+                                     "--hub_strategy", "end"])
+    final = hub.uploads[-1]
+    assert {"model.safetensors", "config.json", "README.md", "loss_curve.png", "gradpower.json"} <= final
+    assert "AdamPower(p=1.2)" in (out / "README.md").read_text()  # not replaced by Trainer's generic card
