@@ -225,3 +225,32 @@ def test_attach_rejects_bad_p_and_non_optimizers():
         gp.attach(torch.optim.SGD(tiny_llama().parameters(), lr=0.1), 0.0)
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         gp.attach(object(), 1.2)
+
+
+def test_power_before_clipping_on_loss_scaled_gradients():
+    """The Trainer's before_clip path under fp16: apply_now on s*g, then unscale_, clip, scaler.step.
+
+    Must equal clip(phi(g)) from an fp32 loop (SGD: the update is linear in it, so errors show).
+    """
+    torch.manual_seed(0)
+    w_amp = torch.nn.Parameter(torch.randn(32, 16) * 0.1)
+    w_ref = torch.nn.Parameter(w_amp.detach().clone())
+    opt_amp = gp.attach(torch.optim.SGD([w_amp], lr=0.5), 1.3)
+    opt_ref = torch.optim.SGD([w_ref], lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    x = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(1))
+    for xb in x:
+        scaler.scale(((xb @ w_amp.t()) ** 2).mean()).backward()
+        gp.apply_now(opt_amp, grad_scale=scaler._get_scale_async())
+        scaler.unscale_(opt_amp)
+        torch.nn.utils.clip_grad_norm_([w_amp], 0.01)
+        scaler.step(opt_amp)
+        scaler.update()
+        opt_amp.zero_grad()
+
+        ((xb @ w_ref.t()) ** 2).mean().backward()
+        w_ref.grad = phi_reference(w_ref.grad, 1.3)
+        torch.nn.utils.clip_grad_norm_([w_ref], 0.01)
+        opt_ref.step()
+        opt_ref.zero_grad()
+    torch.testing.assert_close(w_amp, w_ref, rtol=1e-5, atol=1e-7)

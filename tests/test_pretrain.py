@@ -178,3 +178,10 @@ def test_push_to_hub_uploads_weights_and_our_model_card(tmp_path, monkeypatch):
     final = hub.uploads[-1]
     assert {"model.safetensors", "config.json", "README.md", "loss_curve.png", "gradpower.json"} <= final
     assert "AdamPower(p=1.2)" in (out / "README.md").read_text()  # not replaced by Trainer's generic card
+
+
+def test_streaming_data_and_tensorboard_logging(tmp_path):
+    out = run(quick(max_steps=4, eval_steps=2, save_steps=4) + ["--streaming", "true", "--report_to", "tensorboard",
+                                                              "--output_dir", str(tmp_path / "stream")])
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+    assert list(out.rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
