@@ -184,8 +184,9 @@ def run(argv: list[str] | None = None) -> Path:
     trainer = GradPowerTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=_checkpoint_to_resume(args))
-    if eval_ds is not None:
-        trainer.evaluate()
+    step = trainer.state.global_step
+    if eval_ds is not None and not any(r.get("step") == step and "eval_loss" in r for r in trainer.state.log_history):
+        trainer.evaluate()  # the final model's eval loss, unless the last step already logged it
     trainer.save_model()
     if trainer.is_world_process_zero():
         run_info = {
