@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 POWER_SUFFIX = "power"
 ALIASES = {"adampower": "adamwpower"}
 ROUTER_MODULE_NAMES = ("gate", "router", "shared_expert_gate")
+# Blockwise LR (Wang et al. 2025, arXiv 2502.19002): peak lr multipliers per Transformer block type.
+# The paper's list has no entry for an untied output head; it keeps the base lr here (override "head").
+BLOCKWISE_LR_RATIOS = {"embedding": 10.0, "qk": 8.0, "ffn": 6.0, "vo": 4.0, "norm": 1.0, "head": 1.0, "other": 1.0}
 SPLIT_PARAM_NAMES = {"gate_up_proj": 2}  # fused [E, 2I, H] gate and up halves: orthogonalise each
 
 
@@ -89,24 +92,31 @@ def build_optimizer(
     weight_decay: float = 0.0,
     p: float = DEFAULT_POWER,
     decay_parameter_names: Iterable[str] | None = None,
+    blockwise_lr: bool | dict[str, float] = False,
     **kwargs,
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` for a model (grouped as described above) or for ready param groups.
 
-    ``p`` is used only by ``*power`` names. Extra ``kwargs`` go to the base optimizer
-    (e.g. ``betas``, ``eps``, ``momentum``).
+    ``p`` is used only by ``*power`` names. ``blockwise_lr``: ``True`` for :data:`BLOCKWISE_LR_RATIOS`,
+    or a dict overriding some of them; each block's group gets ``lr * ratio`` (schedulers scale every
+    group's own initial lr, so the ratios hold along the schedule). Extra ``kwargs`` go to the base
+    optimizer (e.g. ``betas``, ``eps``, ``momentum``).
     """
     base, use_power = resolve_name(name)
     if use_power:
         p = validate_power(p)
     entry = _REGISTRY[base]
+    ratios = blockwise_lr_ratios(blockwise_lr)
     if isinstance(model_or_params, nn.Module):
         groups = param_groups(
             model_or_params, weight_decay=weight_decay, route_muon=entry.routes_muon,
-            decay_parameter_names=decay_parameter_names,
+            decay_parameter_names=decay_parameter_names, by_block=ratios is not None,
         )
-    elif entry.routes_muon:
-        raise ValueError(f"{name!r} needs the model (to route matrices to Muon), not a list of parameters")
+        for group in groups:
+            if ratios is not None:
+                group["lr"] = lr * ratios[group["block"]]
+    elif entry.routes_muon or ratios is not None:
+        raise ValueError(f"{name!r} with Muon routing or blockwise_lr needs the model, not a list of parameters")
     else:
         groups = list(model_or_params)
     if not groups:
@@ -124,8 +134,12 @@ def param_groups(
     weight_decay: float,
     route_muon: bool = False,
     decay_parameter_names: Iterable[str] | None = None,
+    by_block: bool = False,
 ) -> list[dict]:
-    """Trainable parameters of ``model`` as param groups; every parameter in exactly one group."""
+    """Trainable parameters of ``model`` as param groups; every parameter in exactly one group.
+
+    ``by_block`` also splits groups by Transformer block type (key ``block``, see :func:`block_of`).
+    """
     decay_names = set(decay_parameter_names) if decay_parameter_names is not None else None
     muon_names = muon_parameter_names(model) if route_muon else set()
     groups: dict[tuple, dict] = {}
@@ -141,6 +155,9 @@ def param_groups(
             extra = {"use_muon": pname in muon_names}
             if pname in muon_names:
                 extra["ns_split"] = split
+        if by_block:
+            block = block_of(pname)
+            key, extra = (*key, block), {**extra, "block": block}
         group = groups.setdefault(
             key, {"params": [], "param_names": [], "weight_decay": weight_decay if decays else 0.0, **extra}
         )
@@ -164,6 +181,35 @@ def muon_parameter_names(model: nn.Module) -> set[str]:
         pname for pname, param in model.named_parameters()
         if param.requires_grad and param.ndim in (2, 3) and id(param) not in excluded
     }
+
+
+def blockwise_lr_ratios(blockwise_lr: bool | dict[str, float]) -> dict[str, float] | None:
+    """``None`` (off), the default ratios, or the defaults updated by a dict; unknown block names refused."""
+    if blockwise_lr is False or blockwise_lr is None:
+        return None
+    overrides = {} if blockwise_lr is True else dict(blockwise_lr)
+    unknown = set(overrides) - set(BLOCKWISE_LR_RATIOS)
+    if unknown:
+        raise ValueError(f"unknown blockwise_lr blocks {sorted(unknown)}; known: {', '.join(BLOCKWISE_LR_RATIOS)}")
+    return {**BLOCKWISE_LR_RATIOS, **overrides}
+
+
+def block_of(pname: str) -> str:
+    """Block type of a parameter, by its name: embedding, head, qk, vo, ffn (MLP, experts, router), norm."""
+    parts = pname.split(".")
+    if "embed_tokens" in parts or "wte" in parts or "wpe" in parts:
+        return "embedding"
+    if "lm_head" in parts:
+        return "head"
+    if any(n in parts for n in ("q_proj", "k_proj")):
+        return "qk"
+    if any(n in parts for n in ("v_proj", "o_proj")):
+        return "vo"
+    if "mlp" in parts or "block_sparse_moe" in parts:
+        return "ffn"
+    if any("norm" in n for n in parts):
+        return "norm"
+    return "other"
 
 
 def routing_summary(groups: list[dict]) -> str:

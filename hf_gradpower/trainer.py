@@ -44,6 +44,10 @@ class GradPowerTrainingArguments(TrainingArguments):
     gradpower_p: float = field(
         default=DEFAULT_POWER, metadata={"help": "GradPower exponent p (used by the *power optimizers)."}
     )
+    blockwise_lr: bool = field(
+        default=False,
+        metadata={"help": "Blockwise LR (Wang et al. 2025): lr x 10 embedding, 8 QK, 6 FFN, 4 VO, 1 norm/head."},
+    )
     gradpower_order: str = field(
         default="before_clip",
         metadata={"help": "Apply phi_p before gradient clipping (paper) or after it.", "choices": list(ORDERS)},
@@ -117,6 +121,7 @@ class GradPowerTrainer(Trainer):
             weight_decay=self.args.weight_decay,
             p=getattr(self.args, "gradpower_p", DEFAULT_POWER),
             decay_parameter_names=self.get_decay_parameter_names(opt_model),
+            blockwise_lr=getattr(self.args, "blockwise_lr", False),
             **optimizer_kwargs_from_args(self.args, base),
         )
         return self.optimizer
