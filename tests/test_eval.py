@@ -1,0 +1,194 @@
+"""run_eval.py / hf_gradpower.evaluation on tiny checkpoints and local lm-eval task fixtures (no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_gradpower import evaluation
+from hf_gradpower.data import load_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "lm_eval_tasks"
+TASKS = ["arc_tiny", "hellaswag_tiny", "piqa_tiny"]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def make_checkpoint(path: Path, seed: int, info: dict | None) -> Path:
+    tok = load_tokenizer("embedded")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=256,
+    ))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    if info is not None:
+        (path / "gradpower.json").write_text(json.dumps(info))
+    (path / "README.md").write_text("# tiny run\n\nSome card text.\n\n## Training\n\nloss went down\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> str:
+    """The fixture YAML templates with the data folder filled in (lm-eval hands data_files to datasets as is)."""
+    d = tmp_path_factory.mktemp("lm_eval_tasks")
+    for tpl in FIXTURES.glob("*.yaml.in"):
+        (d / tpl.name.removesuffix(".in")).write_text(tpl.read_text().replace("@DATA_DIR@", str(FIXTURES)))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("ckpts")
+    return [
+        make_checkpoint(root / "base", 0, {"optim": "adamw", "gradpower_p": None}),
+        make_checkpoint(root / "power", 1, {"optim": "adampower", "gradpower_p": 1.2}),
+    ]
+
+
+@pytest.fixture(scope="module")
+def evaluated(checkpoints, task_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_results")
+    return evaluation.run([str(c) for c in checkpoints], tasks=",".join(TASKS), include_path=task_dir,
+                          batch_size=4, device="cpu", dtype="auto", output_dir=out, quiet=True), out
+
+
+def test_numbers_equal_direct_lm_eval(evaluated, checkpoints, task_dir):
+    import lm_eval
+
+    direct = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={checkpoints[0]},dtype=float32", tasks=TASKS,
+        task_manager=evaluation.task_manager(task_dir), num_fewshot=0, batch_size=4, device="cpu",
+        log_samples=False,
+    )["results"]
+    table = evaluated[0]["table"]
+    for row, task in zip(table["rows"], TASKS, strict=False):
+        assert row["task"] == task
+        assert row["cells"][0]["value"] == direct[task]["acc,none"]
+        assert row["cells"][0]["stderr"] == direct[task]["acc_stderr,none"]
+
+
+def test_table_layout_and_files(evaluated):
+    result, out = evaluated
+    table = result["table"]
+    assert table["labels"] == ["AdamW", "AdamPower(p=1.2)"]
+    assert [r["task"] for r in table["rows"]] == [*TASKS, "Average"]
+    per_task = table["rows"][:-1]
+    for i in range(2):
+        vals = [r["cells"][i]["value"] for r in per_task]
+        assert table["rows"][-1]["cells"][i]["value"] == pytest.approx(sum(vals) / len(vals))
+    for row in table["rows"]:
+        assert row["gain"][0] == pytest.approx(row["cells"][1]["value"] - row["cells"][0]["value"])
+        lm = result["results"][0]["results"].get(row["task"])
+        if lm is not None:
+            assert row["cells"][0]["value"] == lm["acc,none"]
+    md = (out / "zero_shot.md").read_text()
+    assert md.splitlines()[0] == "| Dataset | Metric | AdamW | AdamPower(p=1.2) | Gain |"
+    first = table["rows"][0]["cells"][0]
+    assert f"{100 * first['value']:.2f} ± {100 * first['stderr']:.2f}" in md.splitlines()[2]
+    assert (out / "zero_shot.csv").read_text().startswith("dataset,metric,AdamW,AdamW stderr,")
+    assert json.loads((out / "zero_shot.json").read_text())["labels"] == table["labels"]
+    full = sorted(out.glob("lm_eval_*.json"))
+    assert len(full) == 2 and "arc_tiny" in json.loads(full[0].read_text())["results"]
+    text = evaluation.to_text(table)
+    assert "AdamPower(p=1.2)" in text and "Average" in text
+
+
+def test_acc_norm_metric(evaluated, checkpoints):
+    result = evaluated[0]
+    ckpts = [evaluation.read_checkpoint(c) for c in checkpoints]
+    table = evaluation.build_table(ckpts, result["results"], TASKS, metric="acc_norm")
+    assert table["rows"][1]["cells"][0]["value"] == result["results"][0]["results"]["hellaswag_tiny"]["acc_norm,none"]
+
+
+def test_model_card_appended_once_then_replaced(evaluated, checkpoints, tmp_path):
+    table = evaluated[0]["table"]
+    ckpt = tmp_path / "card"
+    ckpt.mkdir()
+    readme = ckpt / "README.md"
+    readme.write_text((checkpoints[0] / "README.md").read_text())
+    evaluation.update_model_card(ckpt, evaluation.card_section(table))
+    text1 = readme.read_text()
+    assert text1.count(evaluation.CARD_SECTION) == 1 and "## Training" in text1 and "| Average |" in text1
+    evaluation.update_model_card(ckpt, evaluation.card_section(table))
+    assert readme.read_text() == text1
+    evaluation.update_model_card(ckpt, evaluation.CARD_SECTION + "\n\nnew table\n")
+    text3 = readme.read_text()
+    assert text3.count(evaluation.CARD_SECTION) == 1 and "new table" in text3 and "| Average |" not in text3
+    assert text3.startswith("# tiny run") and "loss went down" in text3
+
+
+def test_update_card_and_push_to_hub(checkpoints, task_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []  # only the network call is mocked
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_file", lambda self, **kw: calls.append(kw))
+    ckpts = []
+    for c in checkpoints:  # copies, so the module's checkpoints keep their cards
+        dst = tmp_path / c.name
+        dst.mkdir()
+        for f in c.iterdir():
+            (dst / f.name).write_bytes(f.read_bytes())
+        ckpts.append(dst)
+    res = evaluation.run([str(c) for c in ckpts], tasks=TASKS, include_path=task_dir, output_dir=tmp_path / "o",
+                         batch_size=4, device="cpu", push_to_hub=True, hub_model_id="me/base,me/power", quiet=True)
+    assert [c["repo_id"] for c in calls] == ["me/base", "me/power"]
+    assert all(c["path_in_repo"] == "README.md" for c in calls)
+    for call, ckpt in zip(calls, ckpts, strict=True):
+        assert Path(call["path_or_fileobj"]) == ckpt / "README.md"
+        assert evaluation.CARD_SECTION in (ckpt / "README.md").read_text()
+    assert res["readmes"] == [c / "README.md" for c in ckpts]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    import lm_eval
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", boom)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", boom)
+
+
+def test_bad_inputs_fail_before_loading(no_model, checkpoints, task_dir, tmp_path, monkeypatch):
+    ok = str(checkpoints[0])
+    with pytest.raises(ValueError, match="does not exist"):
+        evaluation.run([str(tmp_path / "nope")], tasks=TASKS, include_path=task_dir)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a model checkpoint"):
+        evaluation.run([str(tmp_path / "empty")], tasks=TASKS, include_path=task_dir)
+    with pytest.raises(ValueError, match="unknown lm-eval task.*arc_tinyy.*--include_path"):
+        evaluation.run([ok], tasks="arc_tinyy", include_path=task_dir)
+    with pytest.raises(ValueError, match="--include_path"):
+        evaluation.run([ok], tasks=TASKS, include_path=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="hub_model_id"):
+        evaluation.run([ok], tasks=TASKS, include_path=task_dir, push_to_hub=True)
+    with pytest.raises(ValueError, match="--metric"):
+        evaluation.run([ok], tasks=TASKS, include_path=task_dir, metric="f1")
+    # offline and the Hub dataset of arc_easy not in (an empty) cache
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "ds")
+    with pytest.raises(ValueError, match="allenai/ai2_arc.*not in the local"):
+        evaluation.run([ok], tasks="arc_challenge", include_path=task_dir)
+
+
+def test_cli_reports_error(no_model, tmp_path, capsys):
+    import run_eval
+
+    assert run_eval.main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("run_eval.py: error: checkpoint folder") and err.count("\n") == 1
