@@ -325,7 +325,11 @@ def run(checkpoints: list[str], tasks=None, include_path=None, limit=None, num_f
     for ckpt in ckpts:
         res = evaluate_checkpoint(ckpt, task_names, tm, num_fewshot=num_fewshot, limit=limit,
                                   batch_size=batch_size, device=device, dtype=dtype)
+        if res is None:  # under `accelerate launch`, lm-eval returns the results on the main process only
+            continue
         results.append({k: v for k, v in res.items() if k != "samples"})
+    if len(results) != len(ckpts):
+        return {"table": None, "results": [], "paths": {}, "readmes": []}
     table = build_table(ckpts, results, task_names, metric)
     paths = write_outputs(table, results, ckpts, output_dir)
     if not quiet:

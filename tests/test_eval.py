@@ -192,3 +192,20 @@ def test_cli_reports_error(no_model, tmp_path, capsys):
     assert run_eval.main([str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("run_eval.py: error: checkpoint folder") and err.count("\n") == 1
+
+
+def test_two_processes_with_accelerate_launch_give_the_same_table(evaluated, checkpoints, task_dir, tmp_path):
+    """lm-eval's data-parallel mode: `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518",
+           str(repo / "run_eval.py"), str(checkpoints[0]), str(checkpoints[1]), "--tasks", ",".join(TASKS),
+           "--include_path", task_dir, "--batch_size", "4", "--device", "cpu", "--output_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "zero_shot.json").read_text())
+    one = json.loads((evaluated[1] / "zero_shot.json").read_text())
+    assert two == one
