@@ -209,3 +209,16 @@ def test_two_processes_with_accelerate_launch_give_the_same_table(evaluated, che
     two = json.loads((tmp_path / "zero_shot.json").read_text())
     one = json.loads((evaluated[1] / "zero_shot.json").read_text())
     assert two == one
+
+
+def test_limit_passes_through_to_lm_eval(checkpoints, task_dir, tmp_path):
+    import lm_eval
+
+    ours = evaluation.run([str(checkpoints[1])], tasks="arc_tiny", include_path=task_dir, limit=3, batch_size=4,
+                          device="cpu", output_dir=tmp_path, quiet=True)
+    direct = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={checkpoints[1]},dtype=float32", tasks=["arc_tiny"], limit=3,
+        task_manager=evaluation.task_manager(task_dir), batch_size=4, device="cpu", log_samples=False,
+    )
+    assert direct["n-samples"]["arc_tiny"]["effective"] == 3
+    assert ours["table"]["rows"][0]["cells"][0]["value"] == direct["results"]["arc_tiny"]["acc,none"]
