@@ -17,6 +17,10 @@ Why a hook on the raw optimizer rather than a wrapper class:
     its own kernel (fused Adam/AdamW): those gradients still carry the loss scale and are transformed
     as ``s * phi(g / s)``.
 
+Caveat: torch wraps each optimizer class's own ``step`` with the hooks, so a subclass whose ``step``
+calls ``super().step()`` fires them twice (phi would be applied twice). Build such optimizers by
+calling the functional update (as ``MuonAdamW`` does) rather than ``super().step()``.
+
 Order with clipping: by default the hook runs at ``step``, i.e. after any clipping you did.
 The paper's order is power first: call :func:`apply_now` before clipping; the hook then skips that
 step (see ``GradPowerTrainer`` for the Trainer integration).
