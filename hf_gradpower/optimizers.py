@@ -112,8 +112,8 @@ def build_optimizer(
             model_or_params, weight_decay=weight_decay, route_muon=entry.routes_muon,
             decay_parameter_names=decay_parameter_names, by_block=ratios is not None,
         )
-        for group in groups:
-            if ratios is not None:
+        if ratios is not None:
+            for group in groups:
                 group["lr"] = lr * ratios[group["block"]]
     elif entry.routes_muon or ratios is not None:
         raise ValueError(f"{name!r} with Muon routing or blockwise_lr needs the model, not a list of parameters")

@@ -58,14 +58,12 @@ def sign_power_tensor_(g: torch.Tensor, p: float) -> torch.Tensor:
     local = _local(g)
     if local.numel() == 0:
         return g
-    if local.dtype == torch.float32:
-        sign_power_(local, p)
-    elif local.dtype in _LOW_PRECISION:
+    if local.dtype in _LOW_PRECISION:
         work = local.float()
         sign_power_(work, p)
         local.copy_(work)
-    else:  # float64: exact enough in its own precision
-        local.copy_(local.abs().pow(p).copysign(local))
+    else:  # fp32: the fast kernel; fp64: the kernels' eager path, in its own precision
+        sign_power_(local, p)
     return g
 
 
