@@ -3,17 +3,20 @@
 Layers, following ``theta <- theta - lr * Q(phi(g))``:
   transform   phi_p itself (pure torch)
   attach      GradPower on any torch optimizer (one line)
+  adampower   AdamPower: AdamW with phi in its own step (one pass over memory on CPU)
   muon        the Muon/AdamW hybrid (Q for MuonPower)
   optimizers  optimizers by name: adamw, adampower, muon, muonpower, sgdpower, ...
   trainer     GradPowerTrainer / GradPowerTrainingArguments (imported lazily: needs transformers)
 """
 
+from hf_gradpower.adampower import AdamPower
 from hf_gradpower.attach import apply_now, attach, detach, gradpower_p
 from hf_gradpower.muon import MuonAdamW
 from hf_gradpower.optimizers import available_optimizers, build_optimizer, register_optimizer
 from hf_gradpower.transform import DEFAULT_POWER, power_, sign_power, validate_power
 
 __all__ = [
+    "AdamPower",
     "DEFAULT_POWER",
     "GradPowerTrainer",
     "GradPowerTrainingArguments",

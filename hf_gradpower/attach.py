@@ -84,6 +84,13 @@ def apply_now(optimizer: torch.optim.Optimizer, *, grad_scale: torch.Tensor | fl
     setattr(optimizer, _APPLIED_FLAG, True)
 
 
+def take_applied_flag(optimizer: torch.optim.Optimizer) -> bool:
+    """True once after :func:`apply_now` ran on ``optimizer`` (for optimizers that apply phi in ``step``)."""
+    applied = getattr(optimizer, _APPLIED_FLAG, False)
+    setattr(optimizer, _APPLIED_FLAG, False)
+    return applied
+
+
 def _power_groups(optimizer: torch.optim.Optimizer, grad_scale) -> None:
     for group in optimizer.param_groups:
         p = group.get(GROUP_KEY)
@@ -95,8 +102,9 @@ def _step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """Global ``Optimizer.step`` pre-hook: phi_p on the groups that carry ``gradpower_p``."""
     if _wraps_optimizer(optimizer):
         return  # a wrapper steps its inner optimizer, whose own step fires this hook
-    if getattr(optimizer, _APPLIED_FLAG, False):
-        setattr(optimizer, _APPLIED_FLAG, False)
+    if getattr(optimizer, "applies_gradpower_in_step", False):
+        return  # e.g. AdamPower: phi is part of its own step
+    if take_applied_flag(optimizer):
         return
     if not any(group.get(GROUP_KEY, 1.0) != 1.0 for group in optimizer.param_groups):
         return

@@ -2,7 +2,9 @@
 
 Names: every registered base optimizer ``X`` (``adamw``, ``muon``, ``adam``, ``sgd``, ``adagrad``,
 ``rmsprop``, and whatever :func:`register_optimizer` adds) also exists as ``Xpower``, the same
-optimizer with GradPower attached. ``adampower`` is the paper's name for ``adamwpower``.
+optimizer with GradPower attached. ``adampower`` is the paper's name for ``adamwpower``; it builds
+:class:`~hf_gradpower.adampower.AdamPower`, a ``torch.optim.AdamW`` that runs phi and the update in one
+pass over memory on CPU (an entry's ``power_cls``); other ``Xpower`` names attach the step pre-hook.
 The name alone says whether GradPower is on, so a baseline can never pick up a stray ``p``.
 
 Parameter groups. Given a model, weight decay goes to tensors with ``ndim >= 2`` (or to the names
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hf_gradpower.adampower import AdamPower
 from hf_gradpower.attach import attach
 from hf_gradpower.muon import MuonAdamW
 from hf_gradpower.transform import DEFAULT_POWER, validate_power
@@ -44,10 +47,11 @@ class OptimizerEntry:
     defaults: dict = field(default_factory=dict)
     routes_muon: bool = False  # groups are split into Muon / AdamW groups
     auto_fused: bool = False  # pass fused=True when every parameter supports the fused kernel
+    power_cls: type[torch.optim.Optimizer] | None = None  # subclass that applies phi in its own step
 
 
 _REGISTRY: dict[str, OptimizerEntry] = {
-    "adamw": OptimizerEntry(torch.optim.AdamW, auto_fused=True),
+    "adamw": OptimizerEntry(torch.optim.AdamW, auto_fused=True, power_cls=AdamPower),
     "muon": OptimizerEntry(MuonAdamW, routes_muon=True, auto_fused=True),
     "adam": OptimizerEntry(torch.optim.Adam, auto_fused=True),
     "sgd": OptimizerEntry(torch.optim.SGD),
@@ -124,7 +128,8 @@ def build_optimizer(
     options = {"lr": lr, "weight_decay": weight_decay, **entry.defaults, **kwargs}
     if entry.auto_fused and "fused" not in options and "foreach" not in options:
         options["fused"] = _fused_supported(groups)
-    optimizer = entry.cls(groups, **options)
+    cls = entry.power_cls if use_power and entry.power_cls is not None else entry.cls
+    optimizer = cls(groups, **options)
     return attach(optimizer, p) if use_power else optimizer
 
 

@@ -187,7 +187,7 @@ def test_attached_p_is_kept_when_loading_a_plain_checkpoint():
 
 def test_optimizer_keeps_its_class_and_works_with_schedulers_and_accelerate():
     model = tiny_llama()
-    opt = gp.build_optimizer(model, "adampower", lr=1e-3)
+    opt = gp.attach(torch.optim.AdamW(model.parameters(), lr=1e-3), 1.2)
     assert type(opt) is torch.optim.AdamW
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
     accelerator = Accelerator(cpu=True)

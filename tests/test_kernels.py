@@ -208,8 +208,8 @@ def test_kernel_info_and_validation_fallback(monkeypatch, caplog):
         cached = False
 
         @staticmethod
-        def fn(ptr, n, qh, ql, qf, nthreads):
-            K._state["kernel_good"].fn(ptr, n, qh * 1.0001, ql, qf, nthreads)
+        def sign_power(ptr, n, p, nthreads):
+            K._state["kernel_good"].sign_power(ptr, n, p * 1.0001, nthreads)
 
     K._state["kernel_good"] = K._state["kernel"]
     try:
@@ -235,3 +235,33 @@ def test_kernel_info_and_validation_fallback(monkeypatch, caplog):
     finally:
         K._state.clear()
         K._state.update(saved)
+
+
+def test_portable_c_path_is_validated_and_agrees_with_the_native_one():
+    """The non-AVX-512 loop (built for x86-64-v3, or plain flags elsewhere): accuracy and the one-pass AdamW."""
+    if not K.fast_kernel_available():
+        pytest.skip("fast kernel unavailable")
+    flags = ("-march=x86-64-v3", "-fopenmp") if K.platform.machine() in ("x86_64", "AMD64") else ("-fopenmp",)
+    try:
+        portable = K._build((flags,))
+    except RuntimeError as exc:
+        pytest.skip(f"cannot build the portable variant here: {exc}")
+    assert portable.impl.startswith("c-autovec")
+    ok, msg = K._validate(portable)
+    assert ok, msg
+    native = K.fast_kernel()
+    g = torch.Generator().manual_seed(3)
+    n = 100_003
+    grad = torch.randn(n, generator=g) * 1e-3
+    hyper = K.ctypes.c_float * 8
+    h = hyper(1 - 1e-4, 0.9, 0.1, 0.95, 0.05, 1e-3 / 0.1, 1 / 0.05**0.5, 1e-8)
+    outs = []
+    for kernel in (portable, native):
+        param, m, v = torch.ones(n), torch.full((n,), 1e-4), torch.full((n,), 1e-8)
+        kernel.adamw_power(param.data_ptr(), grad.data_ptr(), m.data_ptr(), v.data_ptr(), n, 1.2, h, 2)
+        outs.append((param, m, v))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6 * float(a.abs().max()))
+    # and against the formula: m = 0.9 m + 0.1 phi(g)
+    phi = grad.double().abs().pow(1.2) * grad.double().sign()
+    torch.testing.assert_close(outs[0][1].double(), 0.9 * 1e-4 + 0.1 * phi, rtol=1e-6, atol=5e-11)
