@@ -24,8 +24,8 @@ import torch
 from torch.optim.adam import adam
 
 from hf_gradpower import _kernels
-from hf_gradpower.attach import GROUP_KEY, take_applied_flag
-from hf_gradpower.transform import DEFAULT_POWER, power_, validate_power
+from hf_gradpower.attach import GROUP_KEY, attach, take_applied_flag
+from hf_gradpower.transform import DEFAULT_POWER, power_
 
 __all__ = ["AdamPower"]
 
@@ -40,10 +40,7 @@ class AdamPower(torch.optim.AdamW):
 
     def __init__(self, params, lr: float = 1e-3, *, p: float = DEFAULT_POWER, **adamw_kwargs) -> None:
         super().__init__(params, lr=lr, **adamw_kwargs)
-        p = validate_power(p)
-        self.defaults[GROUP_KEY] = p
-        for group in self.param_groups:
-            group.setdefault(GROUP_KEY, p)
+        attach(self, p)  # p in every group and in defaults; loading a checkpoint without p keeps it
         # GradScaler must unscale for us: phi has to see unscaled gradients on every path.
         self._step_supports_amp_scaling = False
 
@@ -91,7 +88,8 @@ def _qualifies(group: dict) -> bool:
 
 
 def _dense_cpu_f32(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided and t.is_contiguous()
+    """A plain (not DTensor or other subclass) dense contiguous CPU float32 tensor: what the C pass reads."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided and t.is_contiguous()
 
 
 def _one_pass_step(optimizer: torch.optim.AdamW, group: dict, p: float) -> bool:

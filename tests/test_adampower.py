@@ -181,6 +181,15 @@ def test_grad_scaler_unscales_before_the_one_pass_step():
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_loading_a_checkpoint_saved_without_gradpower_keeps_p():
+    ours, ref = _params(), _params()
+    plain = torch.optim.AdamW(ref, **HYPER)
+    list(_run(plain, ref, 1))
+    opt = AdamPower(ours, p=1.4, **HYPER)
+    opt.load_state_dict(plain.state_dict())
+    assert gp.gradpower_p(opt) == 1.4
+
+
 def test_bad_p_is_rejected():
     with pytest.raises(ValueError, match="p=-1.0"):
         AdamPower(_params(), p=-1.0)
