@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed
+from transformers import AutoModelForCausalLM, HfArgumentParser, TrainerCallback, set_seed
 
 from hf_gradpower import data as gp_data
 from hf_gradpower.model_card import write_model_card
@@ -155,8 +155,12 @@ def parse_args(argv: list[str] | None = None):
     return model_args, data_args, training_args, facts
 
 
-def run(argv: list[str] | None = None) -> Path:
-    """Parse, check, build data and model, train (resuming if asked), save weights + card. Returns output dir."""
+def run(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Parse, check, build data and model, train (resuming if asked), save weights + card. Returns output dir.
+
+    ``callbacks`` are added to the Trainer, so tools (e.g. ``benchmarks.throughput``'s step timer) can
+    observe the training loop of exactly this code path.
+    """
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     model_args, data_args, args, facts = parse_args(argv)
     gp_data.validate_data_source(facts["dataset"])
@@ -182,7 +186,7 @@ def run(argv: list[str] | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(config)
     logger.info("model %s: %s parameters", facts["model_config"], f"{facts['parameters']:,}")
     trainer = GradPowerTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                               processing_class=tokenizer)
+                               processing_class=tokenizer, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=_checkpoint_to_resume(args))
     step = trainer.state.global_step
     if eval_ds is not None and not any(r.get("step") == step and "eval_loss" in r for r in trainer.state.log_history):
