@@ -4,8 +4,13 @@
                                     [--seq_len 128] [--batch 16] [--out benchmarks/results]
 
 Each round trains every optimizer for ``--steps`` steps through ``run_pretrain``'s own code path
-(GradPowerTrainer on the embedded C4 sample); rounds alternate the order so drift on a shared machine
-hits both alike. A callback times every optimizer step (forward, backward, clipping, phi, update), so
+(GradPowerTrainer on the embedded C4 sample). ``--mode sequential`` runs them one after the other and
+alternates the order per round. ``--mode concurrent`` (default on a CPU with >= 2 cores) runs both at the
+same time in two processes, each on half the cores, released together after start-up: drift of a
+shared machine (other jobs, host noise) then hits both runs within the same seconds, which sequential
+rounds cannot promise (there, per-round ratios here spread over +-10%). Each process is pinned to its half
+of the cores and the halves swap every round, so a slow core (e.g. a virtual CPU the host steals from)
+counts against both optimizers alike; the median of the per-round ratios is reported beside the pooled one. A callback times every optimizer step (forward, backward, clipping, phi, update), so
 start-up, data loading, logging and saving stay out of the numbers; the first ``--warmup`` steps of each
 run (allocator and kernel warm-up) are dropped. Tokens/s = tokens per step / median step time over the
 timed steps of all rounds. The spread of the per-round medians and the range of the per-round ratios say
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -56,7 +63,52 @@ class StepTimer(TrainerCallback):
         self.durations.append(self._now() - self._start)
 
 
-def one_run(optim: str, args, workdir: Path) -> list[float]:
+class StartTogether(TrainerCallback):
+    """Waits at a shared barrier when training begins, so concurrent runs start their steps together."""
+
+    def __init__(self, barrier) -> None:
+        self.barrier = barrier
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.barrier.wait()
+
+
+_BARRIER = None  # set in each concurrent worker by _init_worker
+
+
+def _init_worker(barrier, threads: int) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+    torch.set_num_threads(threads)
+
+
+def _concurrent_job(job: tuple) -> list[float]:
+    optim, settings, workdir, cpus = job
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+    return one_run(optim, argparse.Namespace(**settings), Path(workdir), extra=[StartTogether(_BARRIER)])
+
+
+def _core_halves() -> list[list[int]]:
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    half = len(cpus) // 2
+    return [cpus[:half], cpus[half : 2 * half]] if half else [[], []]
+
+
+def concurrent_round(args, workdir: Path, round_index: int = 0) -> dict[str, list[float]]:
+    """Both optimizers at once, one process each pinned to half the cores (halves swap with the round)."""
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 2) // len(OPTIMIZERS))
+    settings = {k: v for k, v in vars(args).items() if not isinstance(v, Path)}
+    halves = _core_halves()
+    jobs = [
+        (optim, settings, str(workdir), halves[(i + round_index) % 2]) for i, optim in enumerate(OPTIMIZERS)
+    ]
+    with ctx.Pool(len(OPTIMIZERS), _init_worker, (ctx.Barrier(len(OPTIMIZERS)), threads), maxtasksperchild=1) as pool:
+        return dict(zip(OPTIMIZERS, pool.map(_concurrent_job, jobs, chunksize=1), strict=True))
+
+
+def one_run(optim: str, args, workdir: Path, extra: list | None = None) -> list[float]:
     """Seconds of each optimizer step of one ``--steps`` run with ``optim`` (warm-up steps included)."""
     timer = StepTimer()
     argv = [
@@ -65,7 +117,7 @@ def one_run(optim: str, args, workdir: Path) -> list[float]:
         "--per_device_train_batch_size", str(args.batch), "--eval_strategy", "no", "--save_strategy", "no",
         "--logging_steps", str(args.steps), "--disable_tqdm", "true", "--output_dir", str(workdir / optim),
     ]  # fmt: skip
-    run(argv, callbacks=[timer])
+    run(argv, callbacks=[*(extra or []), timer])
     return timer.durations
 
 
@@ -94,6 +146,7 @@ def summarize(times: dict[str, list[list[float]]], warmup: int, tokens_per_step:
         "optimizers": per,
         "ratio": power["tokens_per_s"] / base["tokens_per_s"],
         "round_ratios": round_ratios,
+        "median_round_ratio": statistics.median(round_ratios),
     }
 
 
@@ -101,7 +154,8 @@ def markdown(summary: dict, args, device: str) -> str:
     per, ratio, rr = summary["optimizers"], summary["ratio"], summary["round_ratios"]
     tokens = args.batch * args.seq_len
     noise = (
-        f"Per-round ratios: {', '.join(f'{r:.3f}' for r in rr)} (range {min(rr):.3f}-{max(rr):.3f}, width "
+        f"Per-round ratios: {', '.join(f'{r:.3f}' for r in rr)} (median {summary['median_round_ratio']:.3f}, "
+        f"range {min(rr):.3f}-{max(rr):.3f}, width "
         f"{max(rr) - min(rr):.3f}): differences smaller than that width are within this machine's "
         "round-to-round noise."
         if len(rr) > 1
@@ -110,7 +164,11 @@ def markdown(summary: dict, args, device: str) -> str:
     return "\n".join([
         f"### Trainer throughput on {device}: {args.model_config}, {args.batch} x {args.seq_len} = {tokens:,} "
         f"tokens per step, {args.steps} steps per run ({args.warmup} warm-up steps dropped), "
-        f"{args.rounds} alternating rounds",
+        f"{args.rounds} {'concurrent' if args.mode == 'concurrent' else 'alternating'} rounds",
+        "",
+        (f"Concurrent: in each round both runs trained at the same time, one process each with "
+         f"{max(1, (os.cpu_count() or 2) // 2)} thread(s)." if args.mode == "concurrent"
+         else "Sequential: the runs of a round trained one after the other, the order alternating per round."),
         "",
         "Step time: wall time of each optimizer step (forward, backward, clipping, GradPower, update; timed by a "
         "Trainer callback). Tokens/s = tokens per step / median step time over the timed steps of all rounds. "
@@ -141,7 +199,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--mode", choices=("auto", "concurrent", "sequential"), default="auto",
+        help="concurrent: both optimizers at once on half the cores each (default on CPU with >= 2 cores)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.mode == "auto":
+        args.mode = "concurrent" if not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else "sequential"
     for name in ("steps", "rounds", "seq_len", "batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1 (got {getattr(args, name)})")
@@ -150,6 +214,10 @@ def main(argv=None) -> dict:
     times: dict[str, list[list[float]]] = {o: [] for o in OPTIMIZERS}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
+            if args.mode == "concurrent":
+                for optim, durations in concurrent_round(args, Path(tmp) / f"round{r}", r).items():
+                    times[optim].append(durations)
+                continue
             order = OPTIMIZERS if r % 2 == 0 else OPTIMIZERS[::-1]
             for optim in order:
                 times[optim].append(one_run(optim, args, Path(tmp) / f"round{r}"))

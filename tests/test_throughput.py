@@ -34,16 +34,19 @@ def test_summarize_tokens_per_second_and_ratio():
     assert adampower["median_step_s"] == pytest.approx(0.225)
     assert s["ratio"] == pytest.approx(0.16 / 0.225)  # AdamPower tokens/s over AdamW's
     assert s["round_ratios"] == pytest.approx([0.10 / 0.25, 0.20 / 0.20])
+    assert s["median_round_ratio"] == pytest.approx((0.10 / 0.25 + 1.0) / 2)
 
 
-def test_cli_writes_markdown_and_json(tmp_path):
+@pytest.mark.parametrize("mode", ["sequential", "concurrent"])
+def test_cli_writes_markdown_and_json(tmp_path, mode):
     result = main(["--steps", "3", "--warmup", "1", "--rounds", "1", "--seq_len", "32", "--batch", "2",
-                   "--out", str(tmp_path)])  # fmt: skip
+                   "--mode", mode, "--out", str(tmp_path)])  # fmt: skip
     stored = json.loads(next(tmp_path.glob("throughput_*.json")).read_text())
     assert [len(r) for o in ("adamw", "adampower") for r in stored["step_times_s"][o]] == [3, 3]
     assert stored["ratio"] == pytest.approx(result["ratio"])
     report = next(tmp_path.glob("throughput_*.md")).read_text()
     assert "AdamPower / AdamW throughput ratio" in report and "| adampower |" in report
+    assert mode.capitalize() in report
 
 
 def test_bad_cli_input_is_one_clear_error(capsys):
