@@ -57,12 +57,16 @@ class AdamPower(torch.optim.AdamW):
             if p == 1.0 or already_applied or not _one_pass_step(self, group, p):
                 if p != 1.0 and not already_applied:
                     power_((q.grad for q in group["params"]), p)
-                _adamw_group_step(self, group)
+                adamw_group_step(self, group)
         return loss
 
 
-def _adamw_group_step(optimizer: torch.optim.AdamW, group: dict) -> None:
-    """``torch.optim.AdamW.step`` for one group (same state layout, same fused/foreach kernels)."""
+def adamw_group_step(optimizer: torch.optim.AdamW, group: dict) -> None:
+    """``torch.optim.AdamW.step`` for one group (same state layout, same fused/foreach kernels).
+
+    Calls the functional update rather than ``super().step()``, which would fire the global step hooks
+    a second time (see :mod:`hf_gradpower.attach`). Shared with ``MuonAdamW``'s AdamW groups.
+    """
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = [], [], [], [], [], []
     has_complex = optimizer._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
     if not params:

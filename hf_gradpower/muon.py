@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr, _zeropower_via_newtonschulz
-from torch.optim.adam import adam
+
+from hf_gradpower.adampower import adamw_group_step
 
 MUON_DEFAULTS = {
     "use_muon": False,
@@ -108,24 +109,8 @@ class MuonAdamW(torch.optim.AdamW):
             if group["use_muon"]:
                 self._muon_group_step(group)
             else:
-                self._adamw_group_step(group)
+                adamw_group_step(self, group)
         return loss
-
-    def _adamw_group_step(self, group: dict) -> None:
-        """``torch.optim.AdamW.step`` for one group (same state layout, same fused/foreach kernels)."""
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = [], [], [], [], [], []
-        has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-        if not params:
-            return
-        beta1, beta2 = group["betas"]
-        adam(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-            amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-            foreach=group["foreach"], capturable=group["capturable"], differentiable=group["differentiable"],
-            fused=group["fused"], grad_scale=None, found_inf=None,
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-        )
 
     def _muon_group_step(self, group: dict) -> None:
         """``torch.optim.Muon``'s update, extended to stacks of matrices (MoE experts)."""
