@@ -100,6 +100,17 @@ def test_plain_trainer_with_optimizer_cls_and_kwargs_matches_gradpower_trainer(t
     assert train_losses(plain) == ours
 
 
+def test_after_clip_one_pass_adampower_matches_phi_then_torch_adamw(tmp_path, monkeypatch):
+    """after_clip: AdamPower's one-pass CPU step inside Trainer == eager phi + torch's AdamW (same run)."""
+    kw = dict(optim="adampower", gradpower_order="after_clip", max_steps=8, logging_steps=1, max_grad_norm=0.5,
+              lr_scheduler_type="cosine", warmup_steps=2)  # fmt: skip
+    one_pass = train_losses(GradPowerTrainer(model=tiny_llama(), args=make_args(tmp_path, **kw), train_dataset=dataset()))
+    monkeypatch.setenv("HF_GRADPOWER_KERNEL", "eager")  # AdamPower then takes phi (torch ops) + torch AdamW
+    reference = train_losses(GradPowerTrainer(model=tiny_llama(), args=make_args(tmp_path / "b", **kw), train_dataset=dataset()))
+    assert one_pass == pytest.approx(reference, rel=1e-5, abs=0)
+    assert one_pass[-1] < one_pass[0]
+
+
 def test_arguments_parse_from_the_command_line(tmp_path):
     (args,) = HfArgumentParser(GradPowerTrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--optim", "MuonPower", "--gradpower_p", "1.3", "--use_cpu", "true"]
