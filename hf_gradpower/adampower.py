@@ -93,11 +93,12 @@ def _qualifies(group: dict) -> bool:
 
 def _dense_cpu_f32(t: torch.Tensor) -> bool:
     """A plain (not DTensor or other subclass) dense contiguous CPU float32 tensor: what the C pass reads."""
-    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided and t.is_contiguous()
+    plain = type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
+    return plain and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
 
 
 def _one_pass_step(optimizer: torch.optim.AdamW, group: dict, p: float) -> bool:
-    """AdamW on phi_p(g) in one C pass per tensor; returns False (touching nothing) if the group doesn't qualify."""
+    """AdamW on phi_p(g) in one C pass per tensor; returns False, before any update, if the group doesn't qualify."""
     if not _qualifies(group) or not 0.0 < p <= _kernels.FAST_P_MAX or _kernels.kernel_mode() == "eager":
         return False
     if not _kernels.fast_kernel_available():
