@@ -15,6 +15,7 @@ Order (``gradpower_order``):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,9 @@ class GradPowerTrainer(Trainer):
     """``transformers.Trainer`` that builds AdamPower / MuonPower / any ``*power`` optimizer from ``args.optim``."""
 
     def __init__(self, *args, **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None:
+            check_process_count(training_args)
         super().__init__(*args, **kwargs)
         self._check_gradpower_setup()
 
@@ -143,6 +147,21 @@ class GradPowerTrainer(Trainer):
         if scaler is None or not scaler.is_enabled():
             return None
         return scaler._get_scale_async()  # a device tensor: no host sync
+
+
+def check_process_count(args: TrainingArguments) -> None:
+    """Refuse a multi-process launch that Trainer would run as independent single-process copies.
+
+    On a machine without GPUs, ``accelerate launch --multi_gpu`` (or torchrun) starts N processes, but
+    ``TrainingArguments`` without ``use_cpu`` does not join them: each trains its own model on all the
+    data and they overwrite each other's ``output_dir``. Nothing fails, so say it before training.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and args.world_size == 1:
+        raise ValueError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but Trainer sees one: each would train "
+            "an independent copy. Without GPUs, pass use_cpu=True (--use_cpu) so the processes train together."
+        )
 
 
 def optimizer_kwargs_from_args(args: TrainingArguments, base: str) -> dict:

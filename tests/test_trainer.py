@@ -111,6 +111,17 @@ def test_after_clip_one_pass_adampower_matches_phi_then_torch_adamw(tmp_path, mo
     assert one_pass[-1] < one_pass[0]
 
 
+def test_a_launch_trainer_would_run_as_independent_copies_is_refused(tmp_path, monkeypatch):
+    """WORLD_SIZE=2 (set by accelerate launch / torchrun) but TrainingArguments sees one process."""
+    args = make_args(tmp_path, use_cpu=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert args.world_size == 1
+    with pytest.raises(ValueError, match="2 processes were launched.*use_cpu=True"):
+        GradPowerTrainer(model=tiny_llama(), args=args, train_dataset=dataset())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    GradPowerTrainer(model=tiny_llama(), args=args, train_dataset=dataset())  # a single process is fine
+
+
 def test_arguments_parse_from_the_command_line(tmp_path):
     (args,) = HfArgumentParser(GradPowerTrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--optim", "MuonPower", "--gradpower_p", "1.3", "--use_cpu", "true"]
