@@ -30,7 +30,7 @@ from hf_gradpower.recipes import (
     schedule_arguments,
     steps_for_tokens,
 )
-from hf_gradpower.trainer import GradPowerTrainer, GradPowerTrainingArguments
+from hf_gradpower.trainer import GradPowerTrainer, GradPowerTrainingArguments, last_complete_checkpoint
 
 logger = logging.getLogger("hf_gradpower.pretrain")
 
@@ -215,23 +215,3 @@ def _checkpoint_to_resume(args) -> str | None:
     if last is None:
         raise ValueError(f"--resume_from_checkpoint {resume}: no complete checkpoint-* folder in {args.output_dir}")
     return last
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest checkpoint that was fully written.
-
-    Trainer writes a checkpoint in place, ``trainer_state.json`` last; a process killed mid-save leaves a
-    folder without it (or with it truncated). Such folders are skipped, so a restart never trips on them.
-    """
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    for ckpt in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        try:
-            json.loads((ckpt / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            logger.warning("skipping incomplete checkpoint %s (interrupted while saving)", ckpt)
-            continue
-        return str(ckpt)
-    return None

@@ -15,6 +15,8 @@ Order (``gradpower_order``):
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,8 @@ from hf_gradpower.attach import apply_now
 from hf_gradpower.model_card import RUN_INFO_FILE
 from hf_gradpower.optimizers import available_optimizers, build_optimizer, resolve_name
 from hf_gradpower.transform import DEFAULT_POWER, validate_power
+
+logger = logging.getLogger(__name__)
 
 ORDERS = ("before_clip", "after_clip")
 _ADAM_LIKE = ("adamw", "adam", "muon")
@@ -85,6 +89,20 @@ class GradPowerTrainer(Trainer):
             check_process_count(training_args)
         super().__init__(*args, **kwargs)
         self._check_gradpower_setup()
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``, except that ``resume_from_checkpoint=True`` skips a half-written checkpoint.
+
+        Trainer writes checkpoints in place, so a process killed while saving leaves a newest folder that
+        Trainer's own ``True`` would pick and fail on (or half-load); the newest complete one is used instead.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True: no complete checkpoint-* folder in {self.args.output_dir}"
+                )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _uses_gradpower_optim(self) -> bool:
         return is_gradpower_optim(str(self.args.optim)) and self.optimizer_cls_and_kwargs is None
@@ -204,3 +222,23 @@ def _literal(value: str):
         except ValueError:
             pass
     return {"true": True, "false": False, "none": None}.get(value.lower(), value)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest checkpoint that was fully written.
+
+    Trainer writes a checkpoint in place, ``trainer_state.json`` last; a process killed mid-save leaves a
+    folder without it (or with it truncated). Such folders are skipped, so a restart never trips on them.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    for ckpt in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            logger.warning("skipping incomplete checkpoint %s (interrupted while saving)", ckpt)
+            continue
+        return str(ckpt)
+    return None

@@ -111,6 +111,21 @@ def test_after_clip_one_pass_adampower_matches_phi_then_torch_adamw(tmp_path, mo
     assert one_pass[-1] < one_pass[0]
 
 
+def test_resume_true_skips_a_half_written_checkpoint(tmp_path):
+    kw = dict(optim="adampower", max_steps=10, logging_steps=1, save_strategy="steps", save_steps=5)
+    full = train_losses(GradPowerTrainer(model=tiny_llama(), args=make_args(tmp_path, **kw), train_dataset=dataset()))
+    state = tmp_path / "out" / "checkpoint-10" / "trainer_state.json"
+    state.write_text(state.read_text()[:40])  # killed while saving checkpoint-10
+    resumed = GradPowerTrainer(model=tiny_llama(seed=1), args=make_args(tmp_path, **kw), train_dataset=dataset())
+    resumed.train(resume_from_checkpoint=True)
+    again = [h["loss"] for h in resumed.state.log_history if "loss" in h and h["step"] > 5]
+    assert again == pytest.approx(full[5:], rel=1e-6, abs=0)  # it continued from checkpoint-5
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        GradPowerTrainer(model=tiny_llama(), args=make_args(tmp_path / "empty", **kw), train_dataset=dataset()).train(
+            resume_from_checkpoint=True
+        )
+
+
 def test_a_launch_trainer_would_run_as_independent_copies_is_refused(tmp_path, monkeypatch):
     """WORLD_SIZE=2 (set by accelerate launch / torchrun) but TrainingArguments sees one process."""
     args = make_args(tmp_path, use_cpu=False)
