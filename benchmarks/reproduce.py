@@ -412,6 +412,14 @@ def _plot_eval_curves(name: str, base: list[dict], power: list[dict], path: Path
     plt.close(fig)
 
 
+def _compare_and_plot(comp: dict, results: dict[str, dict], out: Path, plot) -> tuple[dict, str]:
+    """:func:`_compare`, plus the comparison's figure drawn by ``plot`` into ``out/<slug>.png``."""
+    summary, row = _compare(comp, results)
+    png = f"{_slug(comp['name'])}.png"
+    plot(comp["name"], [results[b.key] for b, _ in comp["pairs"]], [results[g.key] for _, g in comp["pairs"]], out / png)
+    return {"name": comp["name"], **summary, "png": png}, row
+
+
 def _compare(comp: dict, results: dict[str, dict]) -> tuple[dict, str]:
     """(summary, Markdown table row) of one paired comparison; the row matches ``_TABLE_HEADER``."""
     base = [results[b.key] for b, _ in comp["pairs"]]
@@ -492,16 +500,9 @@ def write_report(plan: Plan, results: dict[str, dict], out: Path, elapsed: float
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
     for comp in comparisons(plan):
-        s, row = _compare(comp, results)
+        summary, row = _compare_and_plot(comp, results, out, _plot_comparison)
         lines.append(row)
-        png = f"{_slug(comp['name'])}.png"
-        _plot_comparison(
-            comp["name"],
-            [results[b.key] for b, _ in comp["pairs"]],
-            [results[g.key] for _, g in comp["pairs"]],
-            out / png,
-        )
-        summaries.append({"name": comp["name"], **s, "png": png})
+        summaries.append(summary)
     lines += ["", *(f"![{c['name']}]({c['png']})" for c in summaries), ""]
 
     # 6. p sweep
@@ -562,15 +563,9 @@ def write_report(plan: Plan, results: dict[str, dict], out: Path, elapsed: float
 
     # 8. the long regime, then both regimes side by side
     comp = long_comparison(plan)
-    s8, row = _compare(comp, results)
-    png = f"{_slug(comp['name'])}.png"
-    _plot_eval_curves(
-        comp["name"],
-        [results[b.key] for b, _ in comp["pairs"]],
-        [results[g.key] for _, g in comp["pairs"]],
-        out / png,
-    )
-    summaries.append({"name": comp["name"], **s8, "png": png})
+    summary, row = _compare_and_plot(comp, results, out, _plot_eval_curves)
+    png = summary["png"]
+    summaries.append(summary)
     lines += [
         f"## {comp['name']}: {long_regime}",
         "",

@@ -52,7 +52,8 @@ def attach(optimizer: torch.optim.Optimizer, p: float = DEFAULT_POWER) -> torch.
     for group in optimizer.param_groups:
         group[GROUP_KEY] = p
     optimizer.defaults[GROUP_KEY] = p
-    optimizer.register_load_state_dict_pre_hook(_keep_power_on_load)
+    if _keep_power_on_load not in getattr(optimizer, "_optimizer_load_state_dict_pre_hooks", {}).values():
+        optimizer.register_load_state_dict_pre_hook(_keep_power_on_load)
     return optimizer
 
 
