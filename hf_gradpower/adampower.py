@@ -21,9 +21,9 @@ import ctypes
 import math
 
 import torch
-from torch.optim.adam import adam
 
 from hf_gradpower import _kernels
+from hf_gradpower.adamw_step import adamw_group_step
 from hf_gradpower.attach import GROUP_KEY, attach, take_applied_flag
 from hf_gradpower.transform import DEFAULT_POWER, power_
 
@@ -59,27 +59,6 @@ class AdamPower(torch.optim.AdamW):
                     power_((q.grad for q in group["params"]), p)
                 adamw_group_step(self, group)
         return loss
-
-
-def adamw_group_step(optimizer: torch.optim.AdamW, group: dict) -> None:
-    """``torch.optim.AdamW.step`` for one group (same state layout, same fused/foreach kernels).
-
-    Calls the functional update rather than ``super().step()``, which would fire the global step hooks
-    a second time (see :mod:`hf_gradpower.attach`). Shared with ``MuonAdamW``'s AdamW groups.
-    """
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = [], [], [], [], [], []
-    has_complex = optimizer._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-    if not params:
-        return
-    beta1, beta2 = group["betas"]
-    adam(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-        amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
-        weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-        foreach=group["foreach"], capturable=group["capturable"], differentiable=group["differentiable"],
-        fused=group["fused"], grad_scale=None, found_inf=None,
-        decoupled_weight_decay=group.get("decoupled_weight_decay", True),
-    )
 
 
 def _qualifies(group: dict) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr, _zeropower_via_newtonschulz
 
-from hf_gradpower.adampower import adamw_group_step
+from hf_gradpower.adamw_step import adamw_group_step
 
 MUON_DEFAULTS = {
     "use_muon": False,

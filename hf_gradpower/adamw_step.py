@@ -1,0 +1,30 @@
+"""One AdamW step for one param group: the single place both ``AdamPower`` and ``MuonAdamW`` update AdamW groups.
+
+A neutral module so that the base optimizer (``MuonAdamW``) does not import its GradPower variant.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.adam import adam
+
+
+def adamw_group_step(optimizer: torch.optim.AdamW, group: dict) -> None:
+    """``torch.optim.AdamW.step`` for one group (same state layout, same fused/foreach kernels).
+
+    Calls the functional update rather than ``super().step()``, which would fire the global step hooks
+    a second time (see :mod:`hf_gradpower.attach`).
+    """
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = [], [], [], [], [], []
+    has_complex = optimizer._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
+    if not params:
+        return
+    beta1, beta2 = group["betas"]
+    adam(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+        amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
+        weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+        foreach=group["foreach"], capturable=group["capturable"], differentiable=group["differentiable"],
+        fused=group["fused"], grad_scale=None, found_inf=None,
+        decoupled_weight_decay=group.get("decoupled_weight_decay", True),
+    )
