@@ -95,8 +95,8 @@ import numpy as np
 import torch
 
 import hf_gradpower as gp
+from hf_gradpower.p_theory import EPS, best_power, limit_update
 
-EPS = 1e-8
 MU = 1e-4
 RATIOS = (0.25, 0.5, 0.75, 2.0, 5.0, 10.0, 50.0)
 POWERS = tuple(float(x) for x in np.round(np.arange(0.25, 3.0001, 0.125), 4))
@@ -104,45 +104,6 @@ BETAS = (0.999, 0.99999)
 
 
 # --------------------------------------------------------------------------------------- closed form
-def moments(mu: float, sigma: float, p: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(E[phi_p(g)], E[phi_p(g)^2])`` for ``g ~ Unif(mu - sigma, mu + sigma)``, ``mu > 0``, ``sigma > 0``, ``p > 0``."""
-    if mu <= 0 or sigma <= 0:
-        raise ValueError(f"need mu > 0 and sigma > 0, got mu={mu}, sigma={sigma}")
-    p = np.asarray(p, dtype=np.float64)
-    a = mu + sigma
-    b = abs(mu - sigma)
-    sign = -1.0 if sigma <= mu else 1.0  # low noise: (a^k - b^k); high noise: b's half is negative
-    m1 = (a ** (p + 1) - b ** (p + 1)) / (2 * sigma * (p + 1))
-    m2 = (a ** (2 * p + 1) + sign * b ** (2 * p + 1)) / (2 * sigma * (2 * p + 1))
-    return m1, m2
-
-
-def limit_update(mu: float, sigma: float, p: float | np.ndarray, eps: float = EPS) -> np.ndarray:
-    """The paper's limiting AdamPower update (3): ``E[phi_p(g)] / (sqrt(E[phi_p(g)^2]) + eps)``."""
-    m1, m2 = moments(mu, sigma, p)
-    return m1 / (np.sqrt(m2) + eps)
-
-
-def best_power(
-    mu: float, sigma: float, eps: float = EPS, p_min: float = 0.05, p_max: float = 8.0, tol: float = 1e-6
-) -> float:
-    """The ``p`` in ``[p_min, p_max]`` maximising :func:`limit_update` (dense grid, then golden section).
-
-    Returns ``p_min`` when ``u`` decreases over the whole range (low noise: the supremum is ``p -> 0``).
-    """
-    grid = np.linspace(p_min, p_max, 801)
-    k = int(np.argmax(limit_update(mu, sigma, grid, eps)))
-    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
-    inv_phi = (math.sqrt(5) - 1) / 2
-    while hi - lo > tol:
-        x1, x2 = hi - inv_phi * (hi - lo), lo + inv_phi * (hi - lo)
-        if limit_update(mu, sigma, x1, eps) >= limit_update(mu, sigma, x2, eps):
-            hi = x2
-        else:
-            lo = x1
-    return float(np.clip((lo + hi) / 2, p_min, p_max))
-
-
 def p_star_estimate(mu: float, sigma: float, eps: float = EPS) -> float:
     """Noise-dominated (``mu << sigma``) estimate of the best ``p``: root of ``eps L s^(-p) = (2p + 1)^(-3/2)``.
 

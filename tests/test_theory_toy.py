@@ -7,14 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.theory_toy import (
-    best_power,
-    grid_argmax,
-    limit_update,
-    moments,
-    p_star_estimate,
-    simulate_updates,
-)
+from benchmarks.theory_toy import grid_argmax, p_star_estimate, simulate_updates
+from hf_gradpower.p_theory import best_power, limit_update, moments
 
 MU = 1e-4
 EPS = 1e-8
