@@ -117,6 +117,7 @@ def label_of(info: dict) -> str:
     names = {"adamw": "AdamW", "adampower": "AdamPower", "muon": "Muon", "muonpower": "MuonPower"}
     optim = str(info.get("optim", "?"))
     label = names.get(optim, optim)
-    if optim.endswith("power") and info.get("gradpower_p") is not None:
-        label = f"{label}(p={info['gradpower_p']:g})"
+    p = info.get("gradpower_p")
+    if optim.endswith("power") and p is not None:
+        label = f"{label}(p={p:g})" if isinstance(p, (int, float)) else f"{label}(p={p})"
     return label

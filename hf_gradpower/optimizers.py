@@ -97,6 +97,7 @@ def build_optimizer(
     p: float = DEFAULT_POWER,
     decay_parameter_names: Iterable[str] | None = None,
     blockwise_lr: bool | dict[str, float] = False,
+    split_roles: bool = False,
     **kwargs,
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` for a model (grouped as described above) or for ready param groups.
@@ -104,7 +105,8 @@ def build_optimizer(
     ``p`` is used only by ``*power`` names. ``blockwise_lr``: ``True`` for :data:`BLOCKWISE_LR_RATIOS`,
     or a dict overriding some of them; each block's group gets ``lr * ratio`` (schedulers scale every
     group's own initial lr, so the ratios hold along the schedule). Extra ``kwargs`` go to the base
-    optimizer (e.g. ``betas``, ``eps``, ``momentum``).
+    optimizer (e.g. ``betas``, ``eps``, ``momentum``). ``split_roles`` also splits groups by
+    :func:`role_of` (key ``role``), so each role can get its own ``p`` (``hf_gradpower.p_schedule``).
     """
     base, use_power = resolve_name(name)
     if use_power:
@@ -114,13 +116,13 @@ def build_optimizer(
     if isinstance(model_or_params, nn.Module):
         groups = param_groups(
             model_or_params, weight_decay=weight_decay, route_muon=entry.routes_muon,
-            decay_parameter_names=decay_parameter_names, by_block=ratios is not None,
+            decay_parameter_names=decay_parameter_names, by_block=ratios is not None, by_role=split_roles,
         )
         if ratios is not None:
             for group in groups:
                 group["lr"] = lr * ratios[group["block"]]
-    elif entry.routes_muon or ratios is not None:
-        raise ValueError(f"{name!r} with Muon routing or blockwise_lr needs the model, not a list of parameters")
+    elif entry.routes_muon or ratios is not None or split_roles:
+        raise ValueError(f"{name!r} with Muon routing, blockwise_lr or roles needs the model, not a parameter list")
     else:
         groups = list(model_or_params)
     if not groups:
@@ -140,13 +142,15 @@ def param_groups(
     route_muon: bool = False,
     decay_parameter_names: Iterable[str] | None = None,
     by_block: bool = False,
+    by_role: bool = False,
 ) -> list[dict]:
     """Trainable parameters of ``model`` as param groups; every parameter in exactly one group.
 
-    ``by_block`` also splits groups by Transformer block type (key ``block``, see :func:`block_of`).
+    ``by_block`` also splits groups by Transformer block type (key ``block``, see :func:`block_of`);
+    ``by_role`` by role (key ``role``, see :func:`role_of`).
     """
     decay_names = set(decay_parameter_names) if decay_parameter_names is not None else None
-    muon_names = muon_parameter_names(model) if route_muon else set()
+    muon_names = muon_parameter_names(model) if route_muon or by_role else set()
     groups: dict[tuple, dict] = {}
     for pname, param in model.named_parameters():
         if not param.requires_grad:
@@ -156,13 +160,17 @@ def param_groups(
         extra: dict = {}
         if route_muon:
             split = _split_of(pname) if pname in muon_names else 1
-            key = ("muon" if pname in muon_names else "adamw", decays, split)
-            extra = {"use_muon": pname in muon_names}
-            if pname in muon_names:
+            use_muon = pname in muon_names
+            key = ("muon" if use_muon else "adamw", decays, split)
+            extra = {"use_muon": use_muon}
+            if use_muon:
                 extra["ns_split"] = split
         if by_block:
             block = block_of(pname)
             key, extra = (*key, block), {**extra, "block": block}
+        if by_role:
+            role = role_of(pname, param, muon_names)
+            key, extra = (*key, role), {**extra, "role": role}
         group = groups.setdefault(
             key, {"params": [], "param_names": [], "weight_decay": weight_decay if decays else 0.0, **extra}
         )
@@ -197,6 +205,19 @@ def blockwise_lr_ratios(blockwise_lr: bool | dict[str, float]) -> dict[str, floa
     if unknown:
         raise ValueError(f"unknown blockwise_lr blocks {sorted(unknown)}; known: {', '.join(BLOCKWISE_LR_RATIOS)}")
     return {**BLOCKWISE_LR_RATIOS, **overrides}
+
+
+ROLES = ("embedding", "hidden", "experts", "other")
+
+
+def role_of(pname: str, param: torch.Tensor, hidden_names: set[str]) -> str:
+    """Role of a parameter for per-role settings, by the Muon routing: embedding (input and output
+    embeddings), experts (MoE expert weights), hidden (other hidden matrices), other (norms, biases, router)."""
+    if block_of(pname) in ("embedding", "head"):
+        return "embedding"
+    if pname not in hidden_names:
+        return "other"
+    return "experts" if param.ndim == 3 or "experts" in pname.split(".") else "hidden"
 
 
 def block_of(pname: str) -> str:

@@ -5,6 +5,13 @@ Trainer's weight-decay grouping and ``adam_beta1/2``, ``adam_epsilon``, ``optim_
 phi runs relative to gradient clipping. Everything else — schedulers, gradient accumulation,
 bf16/fp16, checkpointing and resume, logging — is Trainer's own.
 
+p (``gradpower_p``) is a number or a schedule spec (per role, ramps, wsd phases, ``auto``: see
+``hf_gradpower.p_schedule``); ``gradpower_noise`` measures the gradient noise scale (``hf_gradpower.noise``)
+on the raw gradients, before phi and clipping. Both run in :class:`GradPowerNoiseCallback`, whose state
+(noise EMAs, auto choices) is saved in ``trainer_state.json`` and restored on resume; the values are
+logged with the train loss (``noise/b_simple``, ``noise/grad_sq``, ``noise/trace_cov``, ``noise/adam_snr``,
+``gradpower_p``).
+
 Order (``gradpower_order``):
   * ``"before_clip"`` (default, the paper's Algorithm 1: clip(phi(g))): phi runs inside
     ``_clip_grad_norm``, before Trainer clips; under fp16 the gradients still carry the loss scale
@@ -21,11 +28,24 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
-from hf_gradpower.attach import apply_now
+from hf_gradpower.attach import GROUP_KEY, _unwrap, apply_now
 from hf_gradpower.model_card import RUN_INFO_FILE
+from hf_gradpower.noise import GradientNoiseMeter, adam_snr
 from hf_gradpower.optimizers import available_optimizers, build_optimizer, resolve_name
+from hf_gradpower.p_schedule import (
+    AUTO_START,
+    DEFAULT_AUTO_EVERY,
+    PowerController,
+    RunShape,
+    decay_start_of,
+    is_constant_spec,
+    needs_noise,
+    needs_roles,
+    parse_power_spec,
+)
 from hf_gradpower.transform import DEFAULT_POWER, validate_power
 
 logger = logging.getLogger(__name__)
@@ -46,8 +66,17 @@ class GradPowerTrainingArguments(TrainingArguments):
         default="adampower",
         metadata={"help": f"Optimizer: one of {', '.join(available_optimizers())}, or any transformers optim name."},
     )
-    gradpower_p: float = field(
-        default=DEFAULT_POWER, metadata={"help": "GradPower exponent p (used by the *power optimizers)."}
+    gradpower_p: str = field(  # a float after parsing when it is a plain number
+        default=DEFAULT_POWER,
+        metadata={"help": "GradPower exponent p (*power optimizers): a number, linear:P0:P1[:N], cosine:P0:P1[:N], "
+                  "wsd:PS:PD, auto[:LO:HI], or per role: embedding=1.0,hidden=auto,experts=1.1,*=1.2."},
+    )
+    gradpower_noise: bool = field(
+        default=False,
+        metadata={"help": "Measure and log the gradient noise scale B_simple (on for gradpower_p auto)."},
+    )
+    gradpower_p_every: int = field(
+        default=DEFAULT_AUTO_EVERY, metadata={"help": "Steps between two auto p decisions."}
     )
     blockwise_lr: bool = field(
         default=False,
@@ -59,7 +88,11 @@ class GradPowerTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        self.gradpower_p = validate_power(self.gradpower_p)
+        self.gradpower_p = normalize_power_spec(self.gradpower_p)
+        if needs_noise(self.gradpower_p):
+            self.gradpower_noise = True
+        if self.gradpower_p_every < 1:
+            raise ValueError(f"gradpower_p_every must be >= 1, got {self.gradpower_p_every}")
         if self.gradpower_order not in ORDERS:
             raise ValueError(f"gradpower_order must be one of {ORDERS}, got {self.gradpower_order!r}")
         name = str(getattr(self.optim, "value", self.optim))
@@ -69,6 +102,17 @@ class GradPowerTrainingArguments(TrainingArguments):
         self.optim = "adamw_torch"  # a name TrainingArguments accepts, while it validates the rest
         super().__post_init__()
         self.optim = name.lower()
+
+
+def normalize_power_spec(spec) -> float | str:
+    """A plain number becomes a validated float; a schedule spec is checked and kept as text."""
+    try:
+        return validate_power(float(spec))
+    except (TypeError, ValueError) as err:
+        if isinstance(spec, (int, float)):
+            raise err
+    parse_power_spec(spec)
+    return str(spec).replace(" ", "")
 
 
 def is_gradpower_optim(name: str) -> bool:
@@ -89,6 +133,29 @@ class GradPowerTrainer(Trainer):
             check_process_count(training_args)
         super().__init__(*args, **kwargs)
         self._check_gradpower_setup()
+        self._add_noise_callback()
+
+    def _add_noise_callback(self) -> None:
+        spec = getattr(self.args, "gradpower_p", DEFAULT_POWER)
+        scheduled = (self._uses_gradpower_optim() and resolve_name(str(self.args.optim))[1]
+                     and not is_constant_spec(spec))
+        if not (scheduled or getattr(self.args, "gradpower_noise", False)) or self._noise_callback() is not None:
+            return
+        self.add_callback(GradPowerNoiseCallback(
+            spec=spec if scheduled else None, every=getattr(self.args, "gradpower_p_every", DEFAULT_AUTO_EVERY),
+            measure_noise=bool(getattr(self.args, "gradpower_noise", False)),
+        ))
+
+    def _noise_callback(self) -> GradPowerNoiseCallback | None:
+        """Looked up each time: resuming replaces the callback with one rebuilt from the checkpoint."""
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, GradPowerNoiseCallback)), None)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Trainer's log; the train-loss entries also carry the noise and the p in force."""
+        callback = self._noise_callback()
+        if callback is not None and "loss" in logs and self.optimizer is not None:
+            logs = {**logs, **callback.log_values(self.optimizer)}
+        return super().log(logs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """``Trainer.train``, except that ``resume_from_checkpoint=True`` skips a half-written checkpoint.
@@ -136,19 +203,25 @@ class GradPowerTrainer(Trainer):
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         base, _ = resolve_name(str(self.args.optim))
+        spec = getattr(self.args, "gradpower_p", DEFAULT_POWER)
+        constant = is_constant_spec(spec)
         self.optimizer = build_optimizer(
             opt_model,
             self.args.optim,
             lr=self.args.learning_rate,
             weight_decay=self.args.weight_decay,
-            p=getattr(self.args, "gradpower_p", DEFAULT_POWER),
+            p=float(spec) if constant else AUTO_START,  # a schedule sets each group's p before every step
             decay_parameter_names=self.get_decay_parameter_names(opt_model),
             blockwise_lr=getattr(self.args, "blockwise_lr", False),
+            split_roles=not constant and needs_roles(spec),
             **optimizer_kwargs_from_args(self.args, base),
         )
         return self.optimizer
 
     def _clip_grad_norm(self, model):
+        callback = self._noise_callback()
+        if callback is not None and callback.meter is not None:
+            callback.meter.measure(grad_scale=self._pending_loss_scale())  # raw: before phi and clipping
         if getattr(self.args, "gradpower_order", "after_clip") == "before_clip":
             apply_now(self.optimizer, grad_scale=self._pending_loss_scale())
         return super()._clip_grad_norm(model)
@@ -165,6 +238,83 @@ class GradPowerTrainer(Trainer):
         if scaler is None or not scaler.is_enabled():
             return None
         return scaler._get_scale_async()  # a device tensor: no host sync
+
+
+class GradPowerNoiseCallback(TrainerCallback, ExportableState):
+    """Measures the gradient noise and sets the scheduled p each step; its state rides in the checkpoint.
+
+    ``spec``: a p schedule (``None``: p is left alone); ``measure_noise``: run the noise meter.
+    ``GradPowerTrainer`` measures in ``_clip_grad_norm`` (before phi and clipping); without clipping the
+    measurement happens here, in ``on_pre_optimizer_step``, before the optimizer step applies phi.
+    """
+
+    def __init__(self, spec: str | float | None = None, every: int = DEFAULT_AUTO_EVERY,
+                 measure_noise: bool = True) -> None:
+        self.spec, self.every, self.measure_noise = spec, every, measure_noise
+        self.controller = PowerController(spec, every) if spec is not None else None
+        self.meter: GradientNoiseMeter | None = None
+        self.saved: dict | None = None  # state from a checkpoint, applied once the optimizer exists
+
+    def state(self) -> dict:
+        saved = dict(self.saved or {})
+        if self.meter is not None:
+            saved["meter"] = self.meter.state_dict()
+        if self.controller is not None:
+            saved["p"] = self.controller.state_dict()
+        return {"args": {"spec": self.spec, "every": self.every, "measure_noise": self.measure_noise},
+                "attributes": {"saved": saved}}
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        optimizer = _unwrap(optimizer)
+        saved = self.saved or _saved_state(state, type(self).__name__)
+        if self.measure_noise and self.meter is None:
+            self.meter = GradientNoiseMeter(optimizer.param_groups, args.per_device_train_batch_size).start()
+            if "meter" in saved:
+                self.meter.load_state_dict(saved["meter"])
+        if self.controller is not None:
+            warmup = args.get_warmup_steps(state.max_steps)
+            decay = decay_start_of(args.lr_scheduler_type, args.lr_scheduler_kwargs, warmup, state.max_steps)
+            self.controller.bind(optimizer, RunShape(state.max_steps, decay), self.meter)
+            if "p" in saved:
+                self.controller.load_state_dict(saved["p"])
+        self.saved = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.controller is not None:
+            self.controller.apply(state.global_step)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.meter is not None:
+            self.meter.measure()  # no-op when GradPowerTrainer already measured before clipping
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.meter is not None:
+            self.meter.stop()
+
+    def log_values(self, optimizer) -> dict[str, float]:
+        """The noise EMAs, Adam's SNR and the p in force (numel-weighted mean, and per group if they differ)."""
+        optimizer = _unwrap(optimizer)
+        out: dict[str, float] = {}
+        if self.meter is not None and self.meter.steps:
+            stats = self.meter.stats()
+            out.update({f"noise/{k}": stats[k] for k in ("b_simple", "grad_sq", "trace_cov")})
+            out.update({f"noise/{k}": v for k, v in adam_snr(optimizer).items()})
+        groups = [g for g in optimizer.param_groups if g.get(GROUP_KEY) is not None]
+        if groups:
+            sizes = [sum(p.numel() for p in g["params"]) for g in groups]
+            out["gradpower_p"] = sum(g[GROUP_KEY] * n for g, n in zip(groups, sizes, strict=True)) / sum(sizes)
+            if len({g[GROUP_KEY] for g in groups}) > 1:
+                for i, g in enumerate(optimizer.param_groups):
+                    if g.get(GROUP_KEY) is not None:
+                        out[f"gradpower_p/{i}_{g.get('role', 'group')}"] = g[GROUP_KEY]
+        return out
+
+
+def _saved_state(state, name: str) -> dict:
+    """Our state in a resumed ``TrainerState`` (Trainer restores callbacks only with an opt-in flag)."""
+    data = (getattr(state, "stateful_callbacks", None) or {}).get(name)
+    data = data[0] if isinstance(data, list) and data else data
+    return dict(((data or {}).get("attributes") or {}).get("saved") or {})
 
 
 def check_process_count(args: TrainingArguments) -> None:
