@@ -54,6 +54,8 @@ SEQ_LEN = 128
 LONG_STEPS = 2000  # comparison 8: long enough for the ordering seen in the issue's quick check to show
 SMOKE_LONG_STEPS = 12  # differs from the smoke steps (8), so the smoke suite trains comparison 8's own runs
 EVALS = 10  # evaluations along each full-mode run (smoke: only the final one)
+P_RAMP = "linear:0.9:1.2"  # comparisons 9/12: p from the short-regime sweep's best up to the paper's default
+AUTO = {"p": None, "p_spec": "auto", "micro_batch": 4}  # 2 micro-batches of 4: the noise is measurable
 SPIKE_WINDOW = 20
 SPIKE_THRESHOLD = 0.1
 SPIKE_MIN_HISTORY = 5
@@ -73,12 +75,18 @@ class RunSpec:
     seed: int = 0
     blockwise: bool = False
     logging_steps: int = 1
+    p_spec: str | None = None  # a p schedule (``--gradpower_p``), e.g. "auto" or "linear:0.9:1.2"
+    micro_batch: int | None = None  # per-device batch < batch: accumulation, so the noise can be measured
 
     @property
     def key(self) -> str:
         parts = [self.model, self.optim, self.schedule]
         if self.p is not None:
             parts.append(f"p{self.p:g}")
+        if self.p_spec is not None:
+            parts.append("p" + self.p_spec.replace(":", "-"))
+        if self.micro_batch is not None:
+            parts.append(f"mb{self.micro_batch}")
         if self.blockwise:
             parts.append("blockwise")
         parts += [f"b{self.batch}", f"s{self.steps}", f"log{self.logging_steps}", f"seed{self.seed}"]
@@ -91,6 +99,8 @@ class RunSpec:
         ]
         if self.p is not None:
             name += f" p={self.p:g}"
+        if self.p_spec is not None:
+            name += f" p={self.p_spec}"
         return name + (" +blockwise LR" if self.blockwise else "")
 
     def cost(self) -> float:
@@ -111,14 +121,36 @@ class Plan:
 
 
 # --------------------------------------------------------------------------------------------- plan
-def _pairs(base: RunSpec, seeds: int, **kw) -> list[tuple[RunSpec, RunSpec]]:
-    """(baseline, GradPower) per seed: the same spec (so the same init and data order) but the optimizer."""
+def _pairs(base: RunSpec, seeds: int, power: dict | None = None, **kw) -> list[tuple[RunSpec, RunSpec]]:
+    """(baseline, GradPower) per seed: the same spec (so the same init and data order) but the optimizer
+    (p = ``P_MAIN`` unless ``power`` overrides GradPower's fields, e.g. a p schedule)."""
     out = []
     for seed in range(seeds):
         b = replace(base, seed=seed, **kw)
-        power = b.optim.replace("adamw", "adampower").replace("muon", "muonpower")
-        out.append((b, replace(b, optim=power, p=P_MAIN)))
+        optim = b.optim.replace("adamw", "adampower").replace("muon", "muonpower")
+        out.append((b, replace(b, optim=optim, **({"p": P_MAIN} | (power or {})))))
     return out
+
+
+def noise_comparisons(plan: Plan, long: bool) -> list[dict]:
+    """Comparisons 9-13: p schedules (a ramp, auto) against the baseline, short regime and long regime."""
+    steps = plan.long_steps if long else plan.steps
+    base = RunSpec(steps=steps, logging_steps=max(1, steps // (100 if long else 50)))
+    tag = "long" if long else "short"
+    comps = [
+        {"name": f"{'12' if long else '9'}. LLaMA AdamW vs AdamPower p ramp ({tag}, wsd)",
+         "pairs": _pairs(base, plan.seeds, power={"p": None, "p_spec": P_RAMP})},
+        {"name": f"{'13' if long else '10'}. LLaMA AdamW vs AdamPower p auto ({tag}, wsd)",
+         "pairs": _pairs(base, plan.seeds, power=AUTO)},
+    ]
+    if not long:
+        comps.append({"name": "11. LLaMA Muon vs MuonPower p auto (short, wsd)",
+                      "pairs": _pairs(base, plan.seeds, power=AUTO, optim="muon")})
+    return comps
+
+
+def noise_specs(plan: Plan, long: bool) -> list[RunSpec]:
+    return [r for c in noise_comparisons(plan, long) for pair in c["pairs"] for r in pair]
 
 
 def comparisons(plan: Plan) -> list[dict]:
@@ -177,7 +209,8 @@ def short_specs(plan: Plan) -> list[RunSpec]:
 
 def all_specs(plan: Plan) -> list[RunSpec]:
     # identical runs are shared (e.g. p=1.2 wsd is in 2, 6 and 7); the long runs come last
-    return list(dict.fromkeys(short_specs(plan) + long_specs(plan)))
+    specs = short_specs(plan) + noise_specs(plan, long=False) + long_specs(plan) + noise_specs(plan, long=True)
+    return list(dict.fromkeys(specs))
 
 
 def estimate_seconds(specs: list[RunSpec], plan: Plan) -> float:
@@ -204,6 +237,11 @@ def _argv(spec: RunSpec, plan: Plan, output_dir: Path) -> list[str]:
     }  # fmt: skip
     if spec.p is not None:
         settings["gradpower_p"] = spec.p
+    if spec.p_spec is not None:
+        settings["gradpower_p"] = spec.p_spec
+    if spec.micro_batch is not None:
+        settings["per_device_train_batch_size"] = spec.micro_batch
+        settings["gradpower_noise"] = "true"
     if spec.blockwise:
         settings["blockwise_lr"] = "true"
     return [token for key, value in settings.items() for token in (f"--{key}", str(value))]
@@ -634,6 +672,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=Path("docs/reproduction"))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budget_min", type=float, default=60.0, help="target wall time of the full suite")
+    parser.add_argument("--only", nargs="+", metavar="TEXT",
+                        help="train only the runs whose key contains every TEXT (no report): e.g. to run "
+                        "parts of the suite in parallel processes; a later plain call writes the report")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1 (got {args.seeds})")
@@ -644,6 +685,8 @@ def main(argv: list[str] | None = None) -> Path:
     t0 = time.perf_counter()
     plan = make_plan(args)
     specs = all_specs(plan)
+    if args.only:
+        specs = [r for r in specs if all(text in r.key for text in args.only)]
     runs_dir = args.out / "runs"
     todo = [r for r in specs if not (runs_dir / f"{r.key}.json").exists()]
     est = estimate_seconds(todo, plan)
@@ -673,6 +716,9 @@ def main(argv: list[str] | None = None) -> Path:
             )
         else:
             print(f"[{i}/{len(specs)}] {spec.key}: cached", flush=True)
+    if args.only:
+        print(f"[reproduce] --only: {len(specs)} runs done, no report", flush=True)
+        return runs_dir
     report = write_report(plan, results, args.out, time.perf_counter() - t0)
     print(f"[reproduce] report: {report} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return report
