@@ -326,7 +326,9 @@ def make_plan(args) -> Plan:
     if plan is None or plan.smoke != args.smoke or plan.seeds != args.seeds:
         plan = new_plan(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(plan), indent=1))  # also records long_steps in an older plan
+    part = path.with_suffix(f".json.{os.getpid()}")
+    part.write_text(json.dumps(asdict(plan), indent=1))  # also records long_steps in an older plan
+    os.replace(part, path)  # atomic: parallel --only processes read it while another writes
     return plan
 
 

@@ -43,7 +43,9 @@ def plot_loss(log_history: list[dict], path: str | Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     curves = loss_curves(log_history)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    noise = [(r["step"], r["noise/b_simple"]) for r in log_history if "noise/b_simple" in r and "step" in r]
+    fig, axes = plt.subplots(2 if noise else 1, 1, figsize=(6.4, 6.4 if noise else 4.0), dpi=120, squeeze=False)
+    ax = axes[0, 0]
     for key, label, style in (("loss", "train", "-"), ("eval_loss", "eval", "o-")):
         if curves[key]:
             steps, values = zip(*curves[key], strict=True)
@@ -51,10 +53,27 @@ def plot_loss(log_history: list[dict], path: str | Path, title: str) -> Path:
     ax.set(xlabel="step", ylabel="cross-entropy loss", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
+    if noise:
+        plot_noise_panel(axes[1, 0], log_history)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def plot_noise_panel(ax, log_history: list[dict]) -> None:
+    """Gradient noise scale B_simple (log axis) and, on a second axis, the GradPower p in force."""
+    rows = [r for r in log_history if "noise/b_simple" in r and "step" in r]
+    ax.plot([r["step"] for r in rows], [r["noise/b_simple"] for r in rows], color="tab:purple")
+    ax.set(xlabel="step", ylabel="noise scale B_simple (sequences)")
+    if all(r["noise/b_simple"] > 0 for r in rows):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    p_rows = [r for r in log_history if "gradpower_p" in r and "step" in r]
+    if p_rows:
+        twin = ax.twinx()
+        twin.plot([r["step"] for r in p_rows], [r["gradpower_p"] for r in p_rows], color="tab:green")
+        twin.set_ylabel("GradPower p (mean over parameters)", color="tab:green")
 
 
 def write_model_card(output_dir: str | Path, run_info: dict, log_history: list[dict]) -> Path:

@@ -10,6 +10,7 @@ from conftest import patterned_tokens, tiny_llama, tiny_qwen2moe
 
 import hf_gradpower as gp
 from hf_gradpower.attach import GROUP_KEY
+from hf_gradpower.model_card import write_model_card
 from hf_gradpower.noise import GradientNoiseMeter
 from hf_gradpower.p_schedule import PowerController, RunShape, decay_start_of, parse_power_spec
 from hf_gradpower.p_theory import auto_power
@@ -131,6 +132,9 @@ def test_trainer_logs_the_scheduled_p_and_the_noise(tmp_path):
     b = logged(trainer, "noise/b_simple")
     assert set(b) == set(range(1, 13)) and all(math.isfinite(v) for v in b.values())
     assert all(k in trainer.state.log_history[-2] for k in ("noise/grad_sq", "noise/trace_cov", "noise/adam_snr"))
+    card = write_model_card(tmp_path / "card", {"optim": "adampower", "gradpower_p": "linear:1.0:1.2:10"},
+                            trainer.state.log_history)
+    assert "AdamPower(p=linear:1.0:1.2:10)" in card.read_text() and (tmp_path / "card" / "loss_curve.png").exists()
 
 
 def test_auto_resume_reproduces_the_p_trajectory(tmp_path):
