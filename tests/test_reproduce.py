@@ -11,22 +11,20 @@ from pathlib import Path
 
 import pytest
 
-import benchmarks.reproduce as reproduce
-from benchmarks.reproduce import (
+import benchmarks.reproduce_runs as reproduce_runs
+from benchmarks.reproduce import main
+from benchmarks.reproduce_plan import (
     Plan,
     all_specs,
     comparisons,
-    count_spikes,
     estimate_seconds,
-    evals_lower,
     long_comparison,
     long_specs,
-    main,
-    make_plan,
+    noise_specs,
     short_specs,
-    summarize_pair,
-    train_seconds_per_step,
 )
+from benchmarks.reproduce_report import count_spikes, evals_lower, summarize_pair
+from benchmarks.reproduce_runs import load_plan, make_plan, train_seconds_per_step
 
 REPO = Path(__file__).resolve().parent.parent
 OLD_PLAN = {"smoke": False, "seeds": 3, "steps": 230, "step_time": 0.13729, "overhead": 0.806, "eval_docs": 50,
@@ -112,7 +110,7 @@ def test_evals_lower_counts_steps_where_the_mean_is_lower():
 
 def test_old_plan_keeps_its_steps_and_gains_the_long_regime(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        reproduce, "calibrate", lambda *a: pytest.fail("an existing plan must not be re-sized")
+        reproduce_runs, "calibrate", lambda *a: pytest.fail("an existing plan must not be re-sized")
     )
     (tmp_path / "plan.json").write_text(json.dumps(OLD_PLAN))
     plan = make_plan(Namespace(out=tmp_path, smoke=False, seeds=3, budget_min=60.0))
@@ -120,16 +118,17 @@ def test_old_plan_keeps_its_steps_and_gains_the_long_regime(tmp_path, monkeypatc
     assert json.loads((tmp_path / "plan.json").read_text()) == {**OLD_PLAN, "long_steps": 2000}
 
 
-def test_committed_reproduction_only_lacks_the_long_runs():
-    """``--out docs/reproduction`` reuses every committed run; only comparison 8's 6 runs can be missing."""
-    plan = reproduce.load_plan(REPO / "docs/reproduction/plan.json")
+def test_committed_reproduction_only_lacks_the_long_and_p_schedule_runs():
+    """``--out docs/reproduction`` reuses every committed run; only comparison 8's 6 runs and the p-schedule
+    runs (9-13) can be missing."""
+    plan = load_plan(REPO / "docs/reproduction/plan.json")
     assert plan.long_steps == 2000
     runs = REPO / "docs/reproduction/runs"
     assert all((runs / f"{r.key}.json").exists() for r in short_specs(plan))
     long = long_specs(plan)
     assert len(long) == 6 and {r.steps for r in long} == {2000} and {r.seed for r in long} == {0, 1, 2}
     missing = {r for r in all_specs(plan) if not (runs / f"{r.key}.json").exists()}
-    assert missing <= set(long)
+    assert missing <= set(long) | set(noise_specs(plan, long=False)) | set(noise_specs(plan, long=True))
     # paired: per seed the same spec but the optimizer
     for b, g in long_comparison(plan)["pairs"]:
         assert (b.optim, g.optim, g.p) == ("adamw", "adampower", 1.2) and b.seed == g.seed
@@ -137,7 +136,7 @@ def test_committed_reproduction_only_lacks_the_long_runs():
 
 
 def test_new_plan_sizes_the_short_regime_to_what_the_long_one_leaves(tmp_path, monkeypatch):
-    monkeypatch.setattr(reproduce, "calibrate", lambda *a: (0.1, 1.0))
+    monkeypatch.setattr(reproduce_runs, "calibrate", lambda *a: (0.1, 1.0))
     args = Namespace(out=tmp_path, smoke=False, seeds=3, budget_min=60.0)
     plan = make_plan(args)
     long_cost = estimate_seconds(long_specs(plan), plan)

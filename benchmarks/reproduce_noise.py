@@ -1,0 +1,125 @@
+"""Report section for comparisons 9-13: p schedules and ``auto`` p against AdamW / fixed p, both regimes.
+
+Adds a table of every optimizer variant per regime (paired over the same seeds against AdamW and against
+AdamPower p = 1.2), a verdict per regime computed from that table, and a figure of the measured noise
+scale over training beside the p that ``auto`` chose.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+from benchmarks.reproduce_plan import (
+    BASE_BATCH,
+    P_RAMP,
+    Plan,
+    comparisons,
+    long_comparison,
+    noise_comparisons,
+)
+from benchmarks.reproduce_report import (
+    _compare_and_plot,
+    _flag,
+    _fmt,
+    _mean_curve,
+    _plot_eval_curves,
+    _two_se,
+    summarize_pair,
+)
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+FIGURE = "noise_and_auto_p.png"
+
+
+def _eval_losses(specs, results) -> list[float]:
+    return [results[s.key]["final_eval_loss"] for s in specs]
+
+
+def _variants(plan: Plan, long: bool) -> dict[str, list]:
+    """Per variant, its runs (one per seed, same seeds in every variant) for one regime."""
+    fixed = long_comparison(plan) if long else comparisons(plan)[1]  # AdamW vs AdamPower p=1.2 (wsd)
+    ramp, auto, *muon = noise_comparisons(plan, long)
+    out = {
+        "AdamW": [b for b, _ in fixed["pairs"]],
+        "AdamPower p=1.2": [g for _, g in fixed["pairs"]],
+        f"AdamPower p={P_RAMP}": [g for _, g in ramp["pairs"]],
+        "AdamPower p=auto": [g for _, g in auto["pairs"]],
+    }
+    if muon:
+        out["Muon"] = [b for b, _ in muon[0]["pairs"]]
+        out["MuonPower p=auto"] = [g for _, g in muon[0]["pairs"]]
+    return out
+
+
+def _row(regime: str, name: str, runs, base_runs, fixed_runs, results) -> tuple[str, dict, dict]:
+    losses = _eval_losses(runs, results)
+    vs_base = summarize_pair(_eval_losses(base_runs, results), losses)
+    vs_fixed = summarize_pair(_eval_losses(fixed_runs, results), losses)
+    mean_std = _fmt(vs_base["gradpower_mean"], vs_base["gradpower_std"])
+    row = (f"| {regime} | {name} | {mean_std} | {vs_base['diff']:+.4f} | {_two_se(vs_base)} | {_flag(vs_base)} "
+           f"| {vs_fixed['diff']:+.4f} | {_two_se(vs_fixed)} | {_flag(vs_fixed)} |")
+    return row, vs_base, vs_fixed
+
+
+def noise_section(plan: Plan, results: dict[str, dict], out: Path, summaries: list[dict]) -> tuple[list[str], dict]:
+    """Markdown lines of the section and its summary (for summary.json); draws the figures."""
+    lines = ["## 9-13. p schedules and auto p (issue 11), both regimes", "",
+             f"- Ramp: `--gradpower_p {P_RAMP}` (linear over the run). Auto: `--gradpower_p auto` (p per param group "
+             "every 10 steps from the measured noise through Example 4.1, clamped to [0.9, 1.2]; 1.0 until the "
+             f"first decision); its runs use 2 micro-batches of 4 (same global batch {BASE_BATCH}) so that the "
+             "noise is measurable.",
+             "- Each variant is paired over the same seeds against AdamW (Muon for MuonPower) and against AdamPower "
+             "p = 1.2; difference = variant - reference (negative: the variant is better).", ""]
+    for comp in [*noise_comparisons(plan, long=False), *noise_comparisons(plan, long=True)]:
+        summary, _ = _compare_and_plot(comp, results, out, _plot_eval_curves)
+        summaries.append(summary)
+    table = ["| regime | optimizer | eval loss | vs AdamW (Muon) | 2 x SE | exceeds noise | vs p=1.2 | 2 x SE "
+             "| exceeds noise |", "|---|---|---:|---:|---:|---|---:|---:|---|"]
+    verdicts, summary = [], {}
+    for regime, long in (("short", False), ("long", True)):
+        variants = _variants(plan, long)
+        for name, runs in variants.items():
+            base = variants["Muon"] if name.startswith("Muon") else variants["AdamW"]
+            row, vs_base, vs_fixed = _row(regime, name, runs, base, variants["AdamPower p=1.2"], results)
+            table.append(row)
+            summary[f"{regime}/{name}"] = {"vs_baseline": vs_base, "vs_p1.2": vs_fixed}
+        auto = summary[f"{regime}/AdamPower p=auto"]
+        worse = auto["vs_baseline"]["diff"] > 0 and auto["vs_baseline"]["exceeds_noise"]
+        verdicts.append(
+            f"- **{regime} regime**: auto vs AdamW {auto['vs_baseline']['diff']:+.4f} "
+            f"(2 x SE {_two_se(auto['vs_baseline'])}): " + ("**worse beyond seed noise**" if worse else
+                                                             "not worse beyond seed noise")
+            + f"; auto vs p = 1.2 {auto['vs_p1.2']['diff']:+.4f} (2 x SE {_two_se(auto['vs_p1.2'])})."
+        )
+    lines += [*table, "", "Verdict (computed from the table):", "", *verdicts, ""]
+    _plot_noise(plan, results, out / FIGURE)
+    lines += [f"![noise scale and auto p]({FIGURE})", "",
+              "The noise scale B_simple (EMA ratio tr(Sigma)/|G|^2, in sequences; the batch is "
+              f"{BASE_BATCH}) measured along the auto runs, and the p auto chose (mean over parameters), both "
+              "averaged over seeds.", ""]
+    return lines, summary
+
+
+def _plot_noise(plan: Plan, results: dict[str, dict], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, long in zip(axes, (False, True), strict=True):
+        variants = _variants(plan, long)
+        twin = ax.twinx()
+        for name, color in (("AdamPower p=auto", "tab:blue"), ("MuonPower p=auto", "tab:red")):
+            runs = [results[s.key] for s in variants.get(name, [])]
+            if runs:
+                ax.plot(*_mean_curve(runs, "noise/b_simple"), color=color, label=f"B_simple, {name}")
+                twin.plot(*_mean_curve(runs, "gradpower_p"), "--", color=color, label=f"p, {name}")
+        ax.axhline(BASE_BATCH, color="gray", lw=0.8, ls=":", label=f"batch ({BASE_BATCH})")
+        ax.set(xlabel="step", ylabel="B_simple (sequences)",
+               title=f"{'long' if long else 'short'} regime ({plan.long_steps if long else plan.steps} steps)")
+        twin.set_ylabel("p chosen by auto (dashed)")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Measured gradient noise scale and the p auto chose (tiny LLaMA, wsd, mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,149 @@
+"""Training one run of the reproduction suite (cached in ``<out>/runs/<key>.json``) and sizing the plan."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks.reproduce_plan import (
+    EVALS,
+    LONG_STEPS,
+    LR,
+    SEQ_LEN,
+    SMOKE_LONG_STEPS,
+    Plan,
+    RunSpec,
+    estimate_seconds,
+    long_specs,
+    short_specs,
+)
+
+
+def _argv(spec: RunSpec, plan: Plan, output_dir: Path) -> list[str]:
+    settings = {
+        "model_config": spec.model, "optim": spec.optim, "schedule": spec.schedule, "max_steps": spec.steps,
+        "seq_len": SEQ_LEN, "global_batch_size": spec.batch, "per_device_train_batch_size": spec.batch,
+        "per_device_eval_batch_size": 8, "learning_rate": LR, "seed": spec.seed, "data_seed": spec.seed,
+        "eval_steps": max(1, spec.steps // (1 if plan.smoke else EVALS)), "save_strategy": "no",
+        "logging_steps": spec.logging_steps, "eval_docs": plan.eval_docs, "max_eval_blocks": plan.max_eval_blocks,
+        "disable_tqdm": "true", "output_dir": output_dir,
+    }  # fmt: skip
+    if spec.p is not None:
+        settings["gradpower_p"] = spec.p
+    if spec.p_spec is not None:
+        settings["gradpower_p"] = spec.p_spec
+    if spec.micro_batch is not None:
+        settings["per_device_train_batch_size"] = spec.micro_batch
+        settings["gradpower_noise"] = "true"
+    if spec.blockwise:
+        settings["blockwise_lr"] = "true"
+    return [token for key, value in settings.items() for token in (f"--{key}", str(value))]
+
+
+def execute(spec: RunSpec, plan: Plan, runs_dir: Path) -> tuple[dict, bool]:
+    """(result, ran): the run's stored result, training it first unless ``runs_dir/<key>.json`` exists."""
+    path = runs_dir / f"{spec.key}.json"
+    if path.exists():
+        return json.loads(path.read_text()), False
+    from hf_gradpower.pretrain import run  # heavy import, only when something must be trained
+
+    logging.getLogger("hf_gradpower").setLevel(logging.WARNING)
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    tmp = Path(tempfile.mkdtemp(prefix="gp_reproduce_"))
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            out = run(_argv(spec, plan, tmp / "run"))
+        wall = time.perf_counter() - t0
+        history = json.loads((out / "metrics.json").read_text())
+        summary = json.loads((out / "gradpower.json").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    runtime = next(r["train_runtime"] for r in history if "train_runtime" in r)
+    result = {
+        "spec": asdict(spec),
+        "key": spec.key,
+        "wall_s": wall,
+        "train_runtime": runtime,
+        "s_per_step": runtime / spec.steps,
+        "final_eval_loss": summary.get("final_eval_loss"),
+        "final_train_loss": summary.get("final_train_loss"),
+        "summary": summary,
+        "log_history": history,
+    }
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(".json.part")
+    part.write_text(json.dumps(result, indent=1))
+    os.replace(part, path)  # atomic: an interrupted run leaves no result file
+    return result, True
+
+
+def train_seconds_per_step(history: list[dict], steps: int) -> float:
+    """Seconds per training step, evaluations excluded.
+
+    Trainer's ``train_runtime`` includes the evaluations run during training; their ``eval_runtime`` rows
+    are logged before the ``train_runtime`` row (a final ``evaluate()`` after training comes after it and
+    is not part of ``train_runtime``). Works on any stored run: it only needs the log history.
+    """
+    evals = 0.0
+    for row in history:
+        if "train_runtime" in row:
+            return (row["train_runtime"] - evals) / steps
+        evals += row.get("eval_runtime", 0.0)
+    raise ValueError("the log history has no train_runtime row")
+
+
+def calibrate(plan_smoke: bool, runs_dir: Path) -> tuple[float, float]:
+    """(training seconds per step, fixed seconds per run) from a short tiny-LLaMA AdamW run at batch 8."""
+    steps = 4 if plan_smoke else 20
+    probe = Plan(smoke=True, seeds=1, steps=steps, step_time=0, overhead=0, eval_docs=10, max_eval_blocks=8)
+    result, _ = execute(RunSpec(steps=steps, logging_steps=steps, seed=99), probe, runs_dir / "calibration")
+    step_time = train_seconds_per_step(result["log_history"], steps)
+    return step_time, max(0.5, result["wall_s"] - result["train_runtime"])
+
+
+def load_plan(path: Path) -> Plan:
+    """A stored plan. One written before comparison 8 existed gets the default ``long_steps`` and keeps its
+    ``steps``, so its runs (keyed by steps) are all reused and only the long regime is new."""
+    raw = json.loads(path.read_text())
+    raw.setdefault("long_steps", SMOKE_LONG_STEPS if raw["smoke"] else LONG_STEPS)
+    return Plan(**raw)
+
+
+def make_plan(args) -> Plan:
+    path = args.out / "plan.json"
+    plan = load_plan(path) if path.exists() else None
+    if plan is None or plan.smoke != args.smoke or plan.seeds != args.seeds:
+        plan = new_plan(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(f".json.{os.getpid()}")
+    part.write_text(json.dumps(asdict(plan), indent=1))  # also records long_steps in an older plan
+    os.replace(part, path)  # atomic: parallel --only processes read it while another writes
+    return plan
+
+
+def new_plan(args) -> Plan:
+    """Calibrate, then size the steps of comparisons 1-7 to what the budget leaves after the long regime."""
+    step_time, overhead = calibrate(args.smoke, args.out / "runs")
+    if args.smoke:
+        return Plan(
+            True, 1, 8, step_time, overhead, eval_docs=10, max_eval_blocks=8, long_steps=SMOKE_LONG_STEPS
+        )
+    plan = Plan(False, args.seeds, 100, step_time, overhead, eval_docs=50, max_eval_blocks=64)
+    short = list(dict.fromkeys(short_specs(plan)))
+    per_step = sum(r.cost() for r in short) / plan.steps * step_time  # training cost is linear in steps
+    fixed = estimate_seconds(short, plan) - per_step * plan.steps  # overhead + evaluations
+    budget = args.budget_min * 60 - estimate_seconds(long_specs(plan), plan) - fixed
+    plan.steps = max(50, min(2000, int(budget / per_step) // 10 * 10))
+    return plan
