@@ -1,13 +1,14 @@
-"""Cost of the gradient noise meter: the same tiny run with ``--gradpower_noise`` off and on, interleaved.
+"""Cost of the gradient noise meter per training step, on tiny LLaMA, meter on and off interleaved step by step.
 
-    python -m benchmarks.noise_overhead [--rounds 5] [--steps 40] [--warmup 5] [--out benchmarks/results]
+    python -m benchmarks.noise_overhead [--steps 120] [--warmup 10] [--out benchmarks/results]
 
-Each round trains tiny LLaMA (AdamPower, global batch 8 = 2 micro-batches of 4, sequences of 128) through
-``run_pretrain``'s code path twice, once without and once with the meter (per-micro-batch gradient hooks,
-the per-step estimate and the logging of the noise with the loss), alternating which goes first. A
-``StepTimer`` (benchmarks.throughput) times every optimizer step; the first ``--warmup`` are dropped. The
-overhead of a round is median(step, meter on) / median(step, meter off) - 1; reported: the median over the
-rounds and their range (the machine is shared, so single rounds drift). Target: < 2%.
+One process trains tiny LLaMA (``configs/models/llama-tiny``, AdamPower, global batch 8 = 2 micro-batches
+of 4 sequences of 128 random tokens, the Trainer's loss scaling) in a plain loop, switching the meter on
+and off every step: an "on" step has the per-parameter gradient hooks, ``measure()`` and the values
+``GradPowerTrainer`` logs (``stats()`` and ``adam_snr``, here every step: an upper bound, Trainer logs
+them every ``logging_steps``). Interleaving step by step makes the drift of a shared machine hit both
+sides alike; pairs (on, off) of adjacent steps give a ratio each. Reported: the median ratio - 1 and
+its interquartile range, beside the median step times. Target: < 2%.
 """
 
 from __future__ import annotations
@@ -16,25 +17,18 @@ import argparse
 import json
 import platform
 import statistics
-import tempfile
+import time
 from pathlib import Path
 
-from benchmarks.throughput import StepTimer
-from hf_gradpower.pretrain import run
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_gradpower as gp
+from hf_gradpower.model_configs import load_model_config
+from hf_gradpower.noise import GradientNoiseMeter, adam_snr
 
 TARGET = 0.02
-
-
-def one_run(noise: bool, steps: int, seed: int) -> list[float]:
-    timer = StepTimer()
-    with tempfile.TemporaryDirectory(prefix="gp_noise_overhead_") as tmp:
-        argv = ["--model_config", "llama-tiny", "--optim", "adampower", "--seq_len", "128",
-                "--global_batch_size", "8", "--per_device_train_batch_size", "4", "--max_steps", str(steps),
-                "--logging_steps", "5", "--eval_strategy", "no", "--save_strategy", "no", "--eval_docs", "20",
-                "--disable_tqdm", "true", "--seed", str(seed), "--gradpower_noise", str(noise).lower(),
-                "--output_dir", str(Path(tmp) / "run")]
-        run(argv, callbacks=[timer])
-    return timer.durations
+MICRO, ACCUM, SEQ = 4, 2, 128
 
 
 def cpu_name() -> str:
@@ -47,31 +41,60 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def isa() -> str:
+    try:
+        flags = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown ISA"
+    return "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "x86-64")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=120, help="timed steps (half with the meter on)")
+    parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    if args.steps <= args.warmup:
-        parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
-    rounds = []
-    for r in range(args.rounds):
-        medians = {}
-        for noise in ((False, True) if r % 2 == 0 else (True, False)):
-            medians[noise] = statistics.median(one_run(noise, args.steps, seed=r)[args.warmup:])
-        rounds.append({"off_s": medians[False], "on_s": medians[True], "overhead": medians[True] / medians[False] - 1})
-        print(f"[noise_overhead] round {r}: off {medians[False] * 1e3:.1f} ms, on {medians[True] * 1e3:.1f} ms, "
-              f"overhead {rounds[-1]['overhead']:+.2%}", flush=True)
-    overheads = [x["overhead"] for x in rounds]
-    result = {"cpu": cpu_name(), "rounds": rounds, "median_overhead": statistics.median(overheads),
-              "min_overhead": min(overheads), "max_overhead": max(overheads), "target": TARGET,
-              "setup": "tiny LLaMA, AdamPower, batch 8 = 2 x 4 micro-batches, seq 128"}
+    if args.steps < 4 or args.steps % 2:
+        parser.error(f"--steps must be an even number >= 4 (got {args.steps})")
+    torch.manual_seed(0)
+    config = load_model_config("llama-tiny")
+    model = AutoModelForCausalLM.from_config(config)
+    optimizer = gp.build_optimizer(model, "adampower", lr=1e-3, weight_decay=0.1)
+    meter = GradientNoiseMeter(optimizer.param_groups, micro_batch_size=MICRO)
+    gen = torch.Generator().manual_seed(0)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for step in range(args.warmup + args.steps):
+        on = step % 2 == 1
+        ids = torch.randint(0, config.vocab_size, (ACCUM, MICRO, SEQ), generator=gen)
+        t0 = time.perf_counter()
+        if on:
+            meter.start()
+        for micro in ids:
+            (model(input_ids=micro, labels=micro).loss / ACCUM).backward()
+        if on:
+            meter.measure()
+            meter.stats()
+            adam_snr(optimizer)
+            meter.stop()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= args.warmup:
+            times[on].append(time.perf_counter() - t0)
+    ratios = sorted(on / off for off, on in zip(times[False], times[True], strict=True))
+    q = statistics.quantiles(ratios, n=4)
+    result = {
+        "cpu": cpu_name(), "isa": isa(), "threads": torch.get_num_threads(), "steps_each": len(times[True]),
+        "median_off_s": statistics.median(times[False]), "median_on_s": statistics.median(times[True]),
+        "median_overhead": statistics.median(ratios) - 1, "q1_overhead": q[0] - 1, "q3_overhead": q[2] - 1,
+        "target": TARGET, "setup": f"tiny LLaMA, AdamPower, batch {MICRO * ACCUM} = {ACCUM} x {MICRO}, seq {SEQ}",
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "noise_overhead.json").write_text(json.dumps(result, indent=1))
-    print(f"[noise_overhead] {result['cpu']}: median overhead {result['median_overhead']:+.2%} "
-          f"(range {result['min_overhead']:+.2%} .. {result['max_overhead']:+.2%}; target < {TARGET:.0%})")
+    print(f"[noise_overhead] {result['cpu']} ({result['isa']}, {result['threads']} threads), {result['setup']}: "
+          f"step {result['median_off_s'] * 1e3:.1f} ms off, {result['median_on_s'] * 1e3:.1f} ms on; overhead "
+          f"median {result['median_overhead']:+.2%} (IQR {result['q1_overhead']:+.2%} .. "
+          f"{result['q3_overhead']:+.2%}) over {result['steps_each']} interleaved pairs; target < {TARGET:.0%}")
     return result
 
 

@@ -26,6 +26,7 @@ where it stopped (existing runs are skipped). A plan.json from before comparison
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--only", nargs="+", metavar="TEXT",
                         help="train only the runs whose key contains every TEXT (no report): e.g. to run "
                         "parts of the suite in parallel processes; a later plain call writes the report")
+    parser.add_argument("--report_only", action="store_true",
+                        help="train nothing: write the report from the cached runs (unfinished comparisons 9-13 "
+                        "are listed as not run)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1 (got {args.seeds})")
@@ -56,6 +60,12 @@ def main(argv: list[str] | None = None) -> Path:
     if args.only:
         specs = [r for r in specs if all(text in r.key for text in args.only)]
     runs_dir = args.out / "runs"
+    if args.report_only:
+        results = {r.key: json.loads((runs_dir / f"{r.key}.json").read_text())
+                   for r in specs if (runs_dir / f"{r.key}.json").exists()}
+        report = write_report(plan, results, args.out, time.perf_counter() - t0)
+        print(f"[reproduce] report from {len(results)} cached runs of {len(specs)}: {report}", flush=True)
+        return report
     todo = [r for r in specs if not (runs_dir / f"{r.key}.json").exists()]
     est = estimate_seconds(todo, plan)
     print(
