@@ -85,7 +85,7 @@ class GradientNoiseMeter:
             grad = grad.detach()
             if grad.dtype not in (torch.float32, torch.float64):
                 grad = grad.float()
-            self._pending[gi].append(torch.linalg.vector_norm(grad).double().square())
+            self._pending[gi].append(torch.linalg.vector_norm(grad))  # squared, in float64, in measure()
             self._counts[key] = self._counts.get(key, 0) + 1
 
         return on_grad
@@ -104,7 +104,7 @@ class GradientNoiseMeter:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         device = next((t.device for ts in self._pending for t in ts), torch.device("cpu"))
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        local = torch.stack([torch.stack(ts).sum() if ts else zero for ts in self._pending])
+        local = torch.stack([_sum_sq(ts) if ts else zero for ts in self._pending])
         self._pending = [[] for _ in self.groups]
         self._counts = {}
         b_small, b_big = self.micro_batch_size, self.micro_batch_size * k * world
@@ -157,6 +157,13 @@ class GradientNoiseMeter:
         self.last_batch_size = int(state.get("last_batch_size", 0))
         self.ema_grad_sq = torch.tensor(state["ema_grad_sq"], dtype=torch.float64)
         self.ema_trace = torch.tensor(state["ema_trace"], dtype=torch.float64)
+
+
+def _sum_sq(norms: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of a list of 0-d norms, in float64 (norms of float32 and float64 tensors may mix)."""
+    if len({t.dtype for t in norms}) > 1:
+        norms = [t.double() for t in norms]
+    return torch.stack(norms).double().square().sum()
 
 
 def _grad_sq(params: Sequence[torch.Tensor], device) -> torch.Tensor:
