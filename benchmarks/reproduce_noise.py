@@ -114,6 +114,7 @@ def noise_section(plan: Plan, results: dict[str, dict], out: Path, summaries: li
     if missing:
         verdicts.append("- Not run yet (the suite trains them on its next call and resumes from the cached runs): "
                         + "; ".join(missing) + ".")
+        verdicts += _partial(plan, results)
     lines += [*table, "", "Verdict (computed from the table):", "", *verdicts, ""]
     _plot_noise(plan, results, out / FIGURE)
     lines += [f"![noise scale and auto p]({FIGURE})", "",
@@ -123,13 +124,31 @@ def noise_section(plan: Plan, results: dict[str, dict], out: Path, summaries: li
     return lines, summary
 
 
+def _partial(plan: Plan, results: dict[str, dict]) -> list[str]:
+    """Finished runs of unfinished comparisons, beside the same seed's AdamW / Muon and p = 1.2 (no verdict)."""
+    out = []
+    for long in (False, True):
+        fixed = long_comparison(plan) if long else comparisons(plan)[1]
+        for comp in noise_comparisons(plan, long):
+            for (base, run), (_, p12) in zip(comp["pairs"], fixed["pairs"], strict=True):
+                if run.key in results and not all(g.key in results for _, g in comp["pairs"]):
+                    ref = f"{base.label} {results[base.key]['final_eval_loss']:.4f}"
+                    if not run.optim.startswith("muon"):
+                        ref += f", {p12.label} {results[p12.key]['final_eval_loss']:.4f}"
+                    out.append(f"  - finished alone (1 seed, no verdict): {run.label}, {run.steps} steps, seed "
+                               f"{run.seed}: eval loss {results[run.key]['final_eval_loss']:.4f} (same seed: {ref})")
+    return out
+
+
 def _plot_noise(plan: Plan, results: dict[str, dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, long in zip(axes, (False, True), strict=True):
-        variants = _variants(plan, long, results)
         twin = ax.twinx()
-        for name, color in (("AdamPower p=auto", "tab:blue"), ("MuonPower p=auto", "tab:red")):
-            runs = [results[s.key] for s in variants.get(name, [])]
+        ramp, auto, *muon = noise_comparisons(plan, long)
+        for name, comp, color in (("AdamPower p=auto", auto, "tab:blue"), ("MuonPower p=auto", (muon or [None])[0],
+                                                                             "tab:red")):
+            # every finished auto run (all seeds when the comparison is complete), for the curve
+            runs = [results[g.key] for _, g in (comp or {"pairs": []})["pairs"] if g.key in results]
             if runs:
                 ax.plot(*_mean_curve(runs, "noise/b_simple"), color=color, label=f"B_simple, {name}")
                 twin.plot(*_mean_curve(runs, "gradpower_p"), "--", color=color, label=f"p, {name}")
