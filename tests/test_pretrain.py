@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from hf_gradpower.pretrain import last_complete_checkpoint, parse_args, run
+from hf_gradpower.checkpoints import latest_checkpoint
+from hf_gradpower.pretrain import parse_args, run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,7 +144,7 @@ def test_sigkill_mid_run_then_restart_loses_at_most_save_steps(tmp_path):
     broken = out / "checkpoint-10"
     shutil.copytree(out / "checkpoint-4", broken)
     (broken / "trainer_state.json").write_text('{"global_step": 1')  # truncated
-    assert last_complete_checkpoint(out) is not None and not last_complete_checkpoint(out).endswith("-10")
+    assert latest_checkpoint(out) is not None and not latest_checkpoint(out).endswith("-10")
 
     restarted = subprocess.run(_cli(*argv, "--resume_from_checkpoint", "latest"), capture_output=True, text=True,
                                timeout=600)
