@@ -120,11 +120,18 @@ class GradPowerTrainer(Trainer):
                     "DeepSpeed clips gradients inside its engine, so GradPower cannot run before clipping; "
                     "pass --gradpower_order after_clip."
                 )
-        if base == "muon" and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+        if base == "muon" and (self.is_deepspeed_enabled or 1 in self._fsdp_versions()):
             raise ValueError(
-                f"{self.args.optim} on FSDP/ZeRO-sharded parameters is not supported (Muon needs whole matrices); "
-                "use adampower, or plain DDP."
+                f"{self.args.optim} cannot run on parameters flattened by DeepSpeed ZeRO or FSDP1 (Muon needs whole "
+                "matrices); use FSDP2 (fsdp_config version 2, the default; Newton-Schulz runs per owner rank), or DDP."
             )
+
+    def _fsdp_versions(self) -> set:
+        """FSDP versions requested by the arguments or set up by Accelerate (empty without FSDP)."""
+        versions = {(getattr(self.args, "fsdp_plugin_args", None) or {}).get("fsdp_version")}
+        if self.is_fsdp_enabled:
+            versions.add(getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1))
+        return versions - {None}
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None or not self._uses_gradpower_optim():

@@ -181,8 +181,8 @@ def test_bad_arguments_are_refused(tmp_path, kw, match):
         GradPowerTrainingArguments(output_dir=str(tmp_path), **kw)
 
 
-def test_deepspeed_optimizer_block_and_sharded_muon_are_refused(tmp_path):
-    """DeepSpeed/FSDP cannot run on this CPU machine: we set the flags Trainer derives from them."""
+def test_deepspeed_optimizer_block_and_zero_muon_are_refused(tmp_path):
+    """DeepSpeed needs a GPU here (Accelerate selects it only off CPU): we set the flag Trainer derives from it."""
     trainer = GradPowerTrainer(model=tiny_llama(), args=make_args(tmp_path), train_dataset=dataset())
     trainer.is_deepspeed_enabled = True
     trainer.args.hf_deepspeed_config = SimpleNamespace(config={"optimizer": {"type": "AdamW"}})
@@ -194,8 +194,17 @@ def test_deepspeed_optimizer_block_and_sharded_muon_are_refused(tmp_path):
     trainer.args.gradpower_order = "after_clip"
     trainer._check_gradpower_setup()  # ZeRO + adampower after clipping is allowed
     trainer.args.optim = "muonpower"
-    with pytest.raises(ValueError, match="FSDP/ZeRO"):
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO or FSDP1.*use FSDP2"):
         trainer._check_gradpower_setup()
-    trainer.is_deepspeed_enabled, trainer.is_fsdp_enabled = False, True
-    with pytest.raises(ValueError, match="FSDP/ZeRO"):
+
+
+def test_muon_is_refused_with_fsdp1_and_accepted_with_fsdp2(tmp_path):
+    """Accelerate builds its FSDP plugin only with a GPU, so a CPU Trainer cannot take FSDP arguments: we set the
+    plugin arguments TrainingArguments derives from ``fsdp_config``. The FSDP2 runs themselves are torch-level
+    (test_sharded.py; README "Sharded training")."""
+    trainer = GradPowerTrainer(model=tiny_llama(), args=make_args(tmp_path, optim="muonpower"), train_dataset=dataset())
+    trainer.args.fsdp_plugin_args = {"fsdp_version": 1}
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO or FSDP1.*use FSDP2"):
         trainer._check_gradpower_setup()
+    trainer.args.fsdp_plugin_args = {"fsdp_version": 2}
+    trainer._check_gradpower_setup()
