@@ -106,7 +106,13 @@ def same_gradients_give_the_same_step(name: str) -> dict:
         opt.zero_grad()
     moved = max((p.detach() - q.detach()).abs().max().item()
                 for p, q in zip(ref.parameters(), MODELS[name]().parameters(), strict=True))
-    return {"param_abs": max_param_diff(sharded, ref), "moved": moved, "bytes_per_step": opt.bytes_communicated / STEPS}
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, opt.ns_stats.orthogonalised_numel)
+    return {
+        "param_abs": max_param_diff(sharded, ref), "moved": moved, "bytes_per_step": opt.ns_stats.bytes_communicated / STEPS,
+        "orthogonalised_numel_per_rank": per_rank, "one_process_numel": ref_opt.ns_stats.orthogonalised_numel,
+        "largest_matrix_numel": max(p.numel() for g in ref_opt.param_groups if g["use_muon"] for p in g["params"]),
+    }
 
 
 def ddp_split_equals_every_rank_doing_all(name: str) -> dict:
@@ -120,7 +126,7 @@ def ddp_split_equals_every_rank_doing_all(name: str) -> dict:
             model(input_ids=batch, labels=batch).loss.backward()
             opt.step()
             opt.zero_grad()
-    return {"param_abs": max_param_diff(split, whole), "bytes_per_step": split_opt.bytes_communicated / 3}
+    return {"param_abs": max_param_diff(split, whole), "bytes_per_step": split_opt.ns_stats.bytes_communicated / 3}
 
 
 def checkpoint_resume_reproduces(name: str, optim: str, ckpt_dir: str) -> dict:

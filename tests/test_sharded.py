@@ -65,6 +65,10 @@ def test_muonpower_under_fsdp2_equals_one_process(sharded_run, model):
     same = results[f"muonpower/{model}/same_grads"]
     assert same["param_abs"] == 0.0 and same["moved"] > LR  # bit-identical, and the parameters moved
     assert same["bytes_per_step"] > 0  # the owner route ran: whole matrices were brought to their owners
+    # every matrix orthogonalised exactly once over all ranks, each rank ~1/N of them (greedy: + one matrix)
+    per_rank, total = same["orthogonalised_numel_per_rank"], same["one_process_numel"]
+    assert sum(per_rank) == total
+    assert max(per_rank) <= total / nproc + same["largest_matrix_numel"] < total
     trained = results[f"muonpower/{model}/train"]
     assert trained["loss_rel"] < 1e-5 and trained["param_abs"] < MUON_PARAM_TOL, trained
     assert trained["loss_drop"] < 0.95
