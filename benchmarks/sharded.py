@@ -137,7 +137,8 @@ def markdown(results: list[dict], steps: int) -> str:
     lines = [
         "# Sharded MuonPower (FSDP2, gloo, CPU): owner route vs gathering every matrix",
         "",
-        f"CPU: {cpu_name()}; torch {torch.__version__}; one thread per process. LLaMA 4 layers, hidden 256, "
+        f"CPU: {cpu_name()}; torch {torch.__version__}; one thread per process; load average "
+        f"{os.getloadavg()[0]:.1f} at the end (other jobs share the machine). LLaMA 4 layers, hidden 256, "
         f"MLP 704 ({steps} timed steps after 2 warm-up, routes alternated step by step on the same gradients; "
         "the machine is shared, so spread is wide). Step time: median [min, max] of rank 0's `opt.step()` "
         "between barriers. Bytes: bf16 sent + received by one rank for Newton-Schulz per step (rank 0). "

@@ -15,6 +15,11 @@ is orthogonalised on its own, and a group with ``ns_split=2`` also splits each e
 its gate and up halves first, so every orthogonalised matrix is one linear map of the model.
 2-D matrices go through torch's own Newton-Schulz and are bit-identical to ``torch.optim.Muon``;
 stacks of matrices go through a batched copy of the same iteration.
+
+Sharded parameters: FSDP2 ``DTensor`` shards keep momentum, weight decay and the update on each rank;
+Newton-Schulz runs per owner rank (:mod:`hf_gradpower.muon_sharded`), bit-identical to one process.
+``distribute_ns=True`` splits Newton-Schulz across DDP ranks the same way. FSDP1/ZeRO flat parameters
+are refused.
 """
 
 from __future__ import annotations
