@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -57,6 +58,29 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_losses(tmp_path):
     resumed_losses = [h["loss"] for h in resumed.state.log_history if "loss" in h and h["step"] > 5]
     assert resumed_losses == pytest.approx(full_losses[5:], rel=1e-6, abs=0)
     assert gp.gradpower_p(resumed.optimizer) == 1.3  # p came back from the checkpoint
+
+
+def test_adamw_run_resumed_from_an_adampower_checkpoint_stays_adamw(tmp_path):
+    kw = dict(max_steps=8, logging_steps=1, save_strategy="steps", save_steps=4, max_grad_norm=0.5)
+    GradPowerTrainer(model=tiny_llama(), args=make_args(tmp_path, optim="adampower", **kw), train_dataset=dataset()).train()
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    assert {g["gradpower_p"] for g in saved["param_groups"]} == {1.2}
+    stripped = tmp_path / "stripped"
+    shutil.copytree(checkpoint, stripped)
+    for group in saved["param_groups"]:
+        del group["gradpower_p"]
+    torch.save(saved, stripped / "optimizer.pt")
+
+    def resumed_losses(name, start):
+        trainer = GradPowerTrainer(model=tiny_llama(seed=1), args=make_args(tmp_path / name, optim="adamw", **kw),
+                                   train_dataset=dataset())
+        trainer.train(resume_from_checkpoint=str(start))
+        assert gp.gradpower_p(trainer.optimizer) is None
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h and h["step"] > 4]
+
+    # phi would change every update after the resume; the baseline must equal a resume that never saw p
+    assert resumed_losses("a", checkpoint) == resumed_losses("b", stripped)
 
 
 @pytest.mark.parametrize("order", ["before_clip", "after_clip"])
