@@ -172,7 +172,7 @@ def test_muon_state_dict_roundtrip_resumes_identically():
     opt = gp.build_optimizer(model, "muonpower", lr=3e-3, weight_decay=0.1)
     train(model, opt.step, steps=3)
     twin = copy.deepcopy(model)
-    twin_opt = gp.build_optimizer(twin, "muon", lr=3e-3, weight_decay=0.1)  # p comes from the checkpoint
+    twin_opt = gp.build_optimizer(twin, "muonpower", lr=3e-3, weight_decay=0.1, p=1.5)  # p comes from the checkpoint
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert gp.gradpower_p(twin_opt) == 1.2
     assert train(model, opt.step, steps=3) == train(twin, twin_opt.step, steps=3)
