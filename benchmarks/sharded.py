@@ -69,7 +69,6 @@ def worker(steps: int, out: str) -> None:
 
     import hf_gradpower as gp
     from hf_gradpower import muon
-    from hf_gradpower.muon_sharded import assign_owners
 
     dist.init_process_group("gloo")
     world, me = dist.get_world_size(), dist.get_rank()
@@ -96,23 +95,18 @@ def worker(steps: int, out: str) -> None:
             model, opt = routes[name]
             model(input_ids=batch, labels=batch).loss.backward()
             muon.orthogonalise_sharded = route_fns[name]
-            before = opt.bytes_communicated
+            before = opt.ns_stats.bytes_communicated
             dist.barrier()
             start = time.perf_counter()
             opt.step()
             dist.barrier()
             if step >= 2:  # two warm-up steps
                 times[name].append(time.perf_counter() - start)
-                comm[name] += opt.bytes_communicated - before
+                comm[name] += opt.ns_stats.bytes_communicated - before
             opt.zero_grad()
 
-    # whole matrices a rank materialises for Newton-Schulz: the ones it owns, or all of them
-    muon_params = [p for group in routes["owner (all-to-all)"][1].param_groups if group["use_muon"]
-                   for p in group["params"] if p.ndim == 2]
-    sizes = [p.numel() for p in muon_params]
-    owners = assign_owners(sizes, world)
-    whole = {"owner (all-to-all)": sum(s for s, o in zip(sizes, owners, strict=True) if o == me),
-             "gather every matrix": sum(sizes)}
+    # whole matrices a rank orthogonalised in the last step (measured): the ones it owns, or all of them
+    whole = {name: opt.ns_stats.orthogonalised_numel for name, (_, opt) in routes.items()}
     shard_bytes = sum(p.to_local().numel() * 4 for p in routes["owner (all-to-all)"][0].parameters())
     row = {name: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "max_ms": 1e3 * max(t),
                   "bytes_per_step": comm[name] / steps, "whole_matrix_bytes_bf16": whole[name] * WIRE.itemsize}
@@ -143,7 +137,8 @@ def markdown(results: list[dict], steps: int) -> str:
     lines = [
         "# Sharded MuonPower (FSDP2, gloo, CPU): owner route vs gathering every matrix",
         "",
-        f"CPU: {cpu_name()}; torch {torch.__version__}; one thread per process. LLaMA 4 layers, hidden 256, "
+        f"CPU: {cpu_name()}; torch {torch.__version__}; one thread per process; load average "
+        f"{os.getloadavg()[0]:.1f} at the end (other jobs share the machine). LLaMA 4 layers, hidden 256, "
         f"MLP 704 ({steps} timed steps after 2 warm-up, routes alternated step by step on the same gradients; "
         "the machine is shared, so spread is wide). Step time: median [min, max] of rank 0's `opt.step()` "
         "between barriers. Bytes: bf16 sent + received by one rank for Newton-Schulz per step (rank 0). "

@@ -15,6 +15,11 @@ is orthogonalised on its own, and a group with ``ns_split=2`` also splits each e
 its gate and up halves first, so every orthogonalised matrix is one linear map of the model.
 2-D matrices go through torch's own Newton-Schulz and are bit-identical to ``torch.optim.Muon``;
 stacks of matrices go through a batched copy of the same iteration.
+
+Sharded parameters: FSDP2 ``DTensor`` shards keep momentum, weight decay and the update on each rank;
+Newton-Schulz runs per owner rank (:mod:`hf_gradpower.muon_sharded`), bit-identical to one process.
+``distribute_ns=True`` splits Newton-Schulz across DDP ranks the same way. FSDP1/ZeRO flat parameters
+are refused.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr, 
 from hf_gradpower.adamw_step import adamw_group_step
 from hf_gradpower.muon_sharded import (
     MatrixJob,
+    NewtonSchulzStats,
     check_shardable,
     is_dtensor,
     orthogonalise_replicated,
@@ -95,7 +101,7 @@ class MuonAdamW(torch.optim.AdamW):
         # Under DDP (replicated plain tensors), split Newton-Schulz across ranks and all-gather the results.
         # FSDP2 DTensor parameters always take the owner route (muon_sharded); this flag is not needed there.
         self.distribute_ns = distribute_ns
-        self.bytes_communicated = 0  # by Newton-Schulz's collectives since construction (benchmarks read it)
+        self.ns_stats = NewtonSchulzStats()
         # GradScaler must unscale for us: the fused AdamW kernel would unscale only the AdamW groups.
         self._step_supports_amp_scaling = False
 
@@ -135,12 +141,13 @@ class MuonAdamW(torch.optim.AdamW):
         matrices, and :mod:`hf_gradpower.muon_sharded` brings each one to a single owner rank.
         """
         entries, sharded, replicated = [], {}, []
+        self.ns_stats.orthogonalised_numel = 0
         distribute = self.distribute_ns and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         for group in groups:
-            orthogonalise = partial(
+            orthogonalise = self.ns_stats.counting(partial(
                 orthogonalise_update, split=group["ns_split"], ns_coefficients=group["ns_coefficients"],
                 ns_steps=group["ns_steps"], eps=group["ns_eps"],
-            )
+            ))
             for param in group["params"]:
                 grad = param.grad
                 if grad is None:
@@ -161,8 +168,8 @@ class MuonAdamW(torch.optim.AdamW):
                     job.result = orthogonalise(update) if update.numel() else update
                 entries.append((param, group, job))
         for process_group, jobs in sharded.items():
-            self.bytes_communicated += orthogonalise_sharded(jobs, process_group)
-        self.bytes_communicated += orthogonalise_replicated(replicated)
+            self.ns_stats.bytes_communicated += orthogonalise_sharded(jobs, process_group)
+        self.ns_stats.bytes_communicated += orthogonalise_replicated(replicated)
         for param, group, job in entries:
             lr, shape = group["lr"], param.shape
             adjusted_lr = _adjust_lr(lr, group["adjust_lr_fn"], (shape[-2] // group["ns_split"], shape[-1]))

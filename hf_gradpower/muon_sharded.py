@@ -31,6 +31,21 @@ WIRE_DTYPE = torch.bfloat16  # Newton-Schulz's own input/output precision
 
 
 @dataclass
+class NewtonSchulzStats:
+    """What this rank's Newton-Schulz cost: checks that work is split and no rank assembles the whole model."""
+
+    bytes_communicated: int = 0  # bf16 bytes sent + received by this rank since construction
+    orthogonalised_numel: int = 0  # elements of the whole matrices this rank orthogonalised in the last step
+
+    def counting(self, orthogonalise: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(full: torch.Tensor) -> torch.Tensor:
+            self.orthogonalised_numel += full.numel()
+            return orthogonalise(full)
+
+        return run
+
+
+@dataclass
 class MatrixJob:
     """One parameter's Newton-Schulz: its global shape, this rank's local update, the function to run."""
 

@@ -106,7 +106,43 @@ def same_gradients_give_the_same_step(name: str) -> dict:
         opt.zero_grad()
     moved = max((p.detach() - q.detach()).abs().max().item()
                 for p, q in zip(ref.parameters(), MODELS[name]().parameters(), strict=True))
-    return {"param_abs": max_param_diff(sharded, ref), "moved": moved, "bytes_per_step": opt.bytes_communicated / STEPS}
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, opt.ns_stats.orthogonalised_numel)
+    return {
+        "param_abs": max_param_diff(sharded, ref), "moved": moved, "bytes_per_step": opt.ns_stats.bytes_communicated / STEPS,
+        "orthogonalised_numel_per_rank": per_rank, "one_process_numel": ref_opt.ns_stats.orthogonalised_numel,
+        "largest_matrix_numel": max(p.numel() for g in ref_opt.param_groups if g["use_muon"] for p in g["params"]),
+    }
+
+
+class Uneven(torch.nn.Module):
+    """Shapes FSDP2 splits unevenly over 2 and 4 ranks (some ranks hold no rows or no experts)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tall = torch.nn.Parameter(torch.randn(10, 7))  # 5/5 or 3/3/3/1 rows
+        self.short = torch.nn.Parameter(torch.randn(5, 12))  # 3/2 or 2/2/1/0 rows
+        self.experts = torch.nn.Parameter(torch.randn(3, 6, 4))  # 2/1 or 1/1/1/0 experts, split in halves
+
+    def groups(self):
+        return [{"params": [self.tall, self.short], "use_muon": True},
+                {"params": [self.experts], "use_muon": True, "ns_split": 2}]
+
+
+def uneven_shards_give_the_same_step() -> dict:
+    """Muon on unevenly sharded matrices and expert stacks, fed the same gradients: vs one process."""
+    ref, sharded = Uneven(), Uneven()
+    fully_shard(sharded)
+    ref_opt, opt = gp.MuonAdamW(ref.groups(), lr=LR, weight_decay=WD), gp.MuonAdamW(sharded.groups(), lr=LR, weight_decay=WD)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, q in zip(sharded.parameters(), ref.parameters(), strict=True):
+            q.grad = torch.randn(q.shape, generator=g)
+            p.grad = distribute_tensor(q.grad, p.device_mesh, p.placements)
+        ref_opt.step()
+        opt.step()
+    return {"param_abs": max_param_diff(sharded, ref), "moved": max_param_diff(ref, Uneven())}
 
 
 def ddp_split_equals_every_rank_doing_all(name: str) -> dict:
@@ -120,7 +156,7 @@ def ddp_split_equals_every_rank_doing_all(name: str) -> dict:
             model(input_ids=batch, labels=batch).loss.backward()
             opt.step()
             opt.zero_grad()
-    return {"param_abs": max_param_diff(split, whole), "bytes_per_step": split_opt.bytes_communicated / 3}
+    return {"param_abs": max_param_diff(split, whole), "bytes_per_step": split_opt.ns_stats.bytes_communicated / 3}
 
 
 def checkpoint_resume_reproduces(name: str, optim: str, ckpt_dir: str) -> dict:
@@ -161,6 +197,7 @@ def main() -> None:
         if "muonpower" in checks:
             results[f"muonpower/{name}/train"] = training_matches_one_process(name, "muonpower", "before_clip")
             results[f"muonpower/{name}/same_grads"] = same_gradients_give_the_same_step(name)
+            results["muon/uneven/same_grads"] = uneven_shards_give_the_same_step()
         if "ddp" in checks:
             results[f"muonpower/{name}/ddp_split"] = ddp_split_equals_every_rank_doing_all(name)
         if "resume" in checks:

@@ -22,6 +22,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from hf_gradpower.muon_sharded import assign_owners, row_counts
 
 TESTS = Path(__file__).resolve().parent
 LR, STEPS = 3e-3, 10  # as in fsdp_worker.py
@@ -65,9 +68,33 @@ def test_muonpower_under_fsdp2_equals_one_process(sharded_run, model):
     same = results[f"muonpower/{model}/same_grads"]
     assert same["param_abs"] == 0.0 and same["moved"] > LR  # bit-identical, and the parameters moved
     assert same["bytes_per_step"] > 0  # the owner route ran: whole matrices were brought to their owners
+    # every matrix orthogonalised exactly once over all ranks, each rank ~1/N of them (greedy: + one matrix)
+    per_rank, total = same["orthogonalised_numel_per_rank"], same["one_process_numel"]
+    assert sum(per_rank) == total
+    assert max(per_rank) <= total / nproc + same["largest_matrix_numel"] < total
     trained = results[f"muonpower/{model}/train"]
     assert trained["loss_rel"] < 1e-5 and trained["param_abs"] < MUON_PARAM_TOL, trained
     assert trained["loss_drop"] < 0.95
+
+
+def test_muon_on_uneven_shards_equals_one_process(sharded_run):
+    """Rows and experts that do not divide by the process count; some ranks hold nothing of a matrix."""
+    r = sharded_run[1]["muon/uneven/same_grads"]
+    assert r["param_abs"] == 0.0 and r["moved"] > LR
+
+
+@pytest.mark.parametrize(("rows", "world"), [(10, 4), (5, 4), (3, 4), (8, 2), (1, 2)])
+def test_row_counts_follow_torch_chunk(rows, world):
+    chunks = [len(c) for c in torch.arange(rows).chunk(world)]
+    assert row_counts(rows, world) == chunks + [0] * (world - len(chunks))
+
+
+def test_owners_balance_the_work():
+    sizes = [100, 90, 60, 50, 40, 30, 10, 10]
+    owners = assign_owners(sizes, 3)
+    loads = [sum(s for s, o in zip(sizes, owners, strict=True) if o == r) for r in range(3)]
+    assert max(loads) - min(loads) <= max(sizes) and sorted(set(owners)) == [0, 1, 2]
+    assert max(loads) <= sum(sizes) / 3 + max(sizes)
 
 
 @pytest.mark.parametrize("model", ["llama", "qwen2moe"])
