@@ -34,9 +34,10 @@ import torch
 SOURCE = Path(__file__).with_name("gradpower_kernel.c")
 # Range of p the kernel accepts; outside it the eager path is used (nothing in GradPower needs more).
 FAST_P_MAX = 4.0
-# Measured maximum error (ulp, see max_ulp_error) of every variant over tests/test_kernels.py's dense sweep of
-# p in (0, FAST_P_MAX] and x; the tests assert it, validation allows a little more on its own probe.
-ULP_BOUND = 2.0
+# Maximum error (ulp, see max_ulp_error) per implementation: the measured maximum over tests/test_kernels.py's
+# dense sweep of p in (0, FAST_P_MAX] and x and a 10x larger one (1.08, 2.10, 2.11), rounded up; tests assert it.
+ULP_BOUNDS = {"c-avx512": 1.1, "c-avx2": 2.2, "c-autovec": 2.2}
+ULP_BOUND = max(ULP_BOUNDS.values())
 _VALIDATION_ULP = 4.0
 
 _IMPL_NAMES = {1: "c-autovec", 2: "c-avx512", 3: "c-avx2"}
