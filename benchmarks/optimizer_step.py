@@ -1,7 +1,7 @@
 """Optimizer-step cost of GradPower: fused AdamW vs AdamPower and the hook path, per phi implementation.
 
     python -m benchmarks.optimizer_step [--device cpu|cuda] [--threads 1,2] [--steps 20] [--compile]
-                                        [--no-muon] [--out benchmarks/results]
+                                        [--variants native,avx2,portable,eager] [--no-muon] [--out DIR]
 
 Times ``optimizer.step()`` alone (gradients are refreshed from a saved copy outside the timed region,
 so phi never sees its own output) on a ~34M-parameter LLaMA. On CPU every phi implementation this
@@ -110,14 +110,15 @@ def phi_kernels(device: str, variants: tuple[str, ...]) -> dict[str, _kernels.Cp
     if device != "cpu":
         return {"eager-torch": None}
     out: dict[str, _kernels.CpuKernel | None] = {}
-    for v in variants:
+    for v in (v for v in variants if v != "eager"):
         try:
             k = _kernels.load_variant(v)
         except RuntimeError as exc:
             print(f"variant {v}: not available ({exc})")
             continue
         out.setdefault(k.impl, k)  # on an AVX2-only machine native and avx2 are the same code
-    out["eager-torch"] = None
+    if "eager" in variants:
+        out["eager-torch"] = None
     return out
 
 
@@ -154,8 +155,9 @@ def time_steps(device: str, steps: int, warmup: int, rows: list[tuple[str, str |
     }
 
 
-def run(device: str, threads: list[int], steps: int, warmup: int, compile_: bool, muon: bool) -> dict:
-    kernels = phi_kernels(device, VARIANTS)
+def run(device: str, threads: list[int], steps: int, warmup: int, compile_: bool, muon: bool,
+        variants: tuple[str, ...] = (*VARIANTS, "eager")) -> dict:
+    kernels = phi_kernels(device, variants)
     rows: list[tuple[str, str | None]] = [("adamw", None)]
     rows += [("adampower", k) for k in kernels] + [("adamw+attach", k) for k in kernels]
     if compile_ and device == "cpu":
@@ -219,6 +221,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="add the torch.compile (Inductor) row on CPU")
+    parser.add_argument("--variants", default=",".join((*VARIANTS, "eager")),
+                        help="CPU phi implementations to time (default: all of native,avx2,portable,eager)")
     parser.add_argument("--no-muon", action="store_true", help="skip Muon vs MuonPower (slow on CPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
@@ -230,7 +234,11 @@ def main(argv=None) -> None:
         parser.error(f"--threads must be comma-separated integers, got {args.threads!r}")
     if args.steps < 2 or any(t < 1 for t in threads):
         parser.error("--steps must be >= 2 and every thread count >= 1")
-    result = run(args.device, threads, args.steps, args.warmup, args.compile, not args.no_muon)
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = set(variants) - {*VARIANTS, "eager"}
+    if unknown:
+        parser.error(f"unknown --variants {sorted(unknown)}; choose from {', '.join((*VARIANTS, 'eager'))}")
+    result = run(args.device, threads, args.steps, args.warmup, args.compile, not args.no_muon, variants)
     report = markdown(result)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
