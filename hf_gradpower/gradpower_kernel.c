@@ -3,13 +3,13 @@
 
    One of three implementations is compiled, chosen by what the compiler targets:
      GP_IMPL 2  AVX-512F/DQ (x86-64-v4): p-form 2^(p e + p log2 m), getexp/getmant, 32-entry in-register
-                table + cubic for log2 m, scalef.                      ~29 vector ops per 16 floats
+                table (a float pair) + quartic for log2 m, scalef.     ~32 vector ops per 16 floats
      GP_IMPL 3  AVX2 + FMA (x86-64-v3): q-form |x| 2^(q e + q log2 m), q = p - 1, exponent and mantissa by
-                integer ops, polynomials only (no gathers: they are slow on AMD).  ~37 vector ops per 8 floats
+                integer ops, polynomials only (no gathers: they are slow on AMD).  ~39 vector ops per 8 floats
      GP_IMPL 1  portable C (ARM NEON, other ISAs, or -DGP_PORTABLE): the same q-form per element, written so
                 that the compiler auto-vectorises it (no libm calls in the loop).
    k[0..2] = (qh, ql, qf): q = p - 1 split so that qh * e is exact; k[3..5] = (ph, pl, pf): the same split of p.
-   k[6], k[7]: the AVX2 fast path's input window [k6, k7) as float32 bit patterns (see gp_window in Python). */
+   k[6], k[7]: the AVX2 fast path's input window [k6, k7) = [2^-E, 2^(E+1)) (see _window in _cpu_kernel.py). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
