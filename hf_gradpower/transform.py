@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import torch
 
-from hf_gradpower._kernels import sign_power_
+from hf_gradpower._kernels import sign_power_, sign_power_cpu_many_
 
 DEFAULT_POWER = 1.2
 
@@ -80,9 +80,10 @@ def power_(
     p = validate_power(p)
     if p == 1.0:
         return
+    grads = [g for g in grads if g is not None]
+    if grad_scale is None:  # CPU float32 gradients: one C kernel call for all of them
+        grads = sign_power_cpu_many_(grads, p)
     for g in grads:
-        if g is None:
-            continue
         if grad_scale is None:
             sign_power_tensor_(g, p)
         else:
