@@ -22,7 +22,9 @@ from __future__ import annotations
 import torch
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr, _zeropower_via_newtonschulz
 
+from hf_gradpower import accel
 from hf_gradpower.adamw_step import adamw_group_step
+from hf_gradpower.attach import GROUP_KEY
 
 MUON_DEFAULTS = {
     "use_muon": False,
@@ -98,6 +100,12 @@ class MuonAdamW(torch.optim.AdamW):
         if self.param_groups[-1].get("use_muon"):
             _check_muon_group(self.param_groups[-1])
 
+    @property
+    def applies_gradpower_in_step(self) -> bool:
+        """True when GradPower's phi can be fused into a Muon group's momentum (accelerator, p != 1): the
+        global GradPower hook then leaves phi to this step (see :func:`hf_gradpower.accel.take_fused_muon_powers`)."""
+        return any(accel.fuses_muon_power(g, g.get(GROUP_KEY, 1.0)) for g in self.param_groups)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One step: Muon on the ``use_muon`` groups, AdamW on the rest."""
@@ -105,15 +113,17 @@ class MuonAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        fused_powers = accel.take_fused_muon_powers(self) if self.applies_gradpower_in_step else {}
         for group in self.param_groups:
             if group["use_muon"]:
-                self._muon_group_step(group)
+                self._muon_group_step(group, fused_powers.get(id(group), 1.0))
             else:
                 adamw_group_step(self, group)
         return loss
 
-    def _muon_group_step(self, group: dict) -> None:
-        """``torch.optim.Muon``'s update, extended to stacks of matrices (MoE experts)."""
+    def _muon_group_step(self, group: dict, fused_power: float = 1.0) -> None:
+        """``torch.optim.Muon``'s update, extended to stacks of matrices (MoE experts); ``fused_power`` != 1:
+        phi_p(g) fused into the momentum update (accelerators)."""
         lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
         for param in group["params"]:
             grad = param.grad
@@ -130,8 +140,11 @@ class MuonAdamW(torch.optim.AdamW):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
             buf = state["momentum_buffer"]
-            buf.lerp_(grad, 1 - momentum)
-            update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+            if fused_power != 1.0:
+                update = accel.muon_power_momentum_(grad, buf, momentum, fused_power, group["nesterov"])
+            else:
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
             matrices = _as_matrices(update, group["ns_split"])
             if matrices.ndim == 2:
                 ortho = _zeropower_via_newtonschulz(matrices, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
