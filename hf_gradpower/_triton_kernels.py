@@ -50,7 +50,7 @@ def _phi(g, qh, ql, ph, pl, scale, scale_e, scale_lm):
     """``s * phi_p(g / s)`` in fp32; (qh, ql) and (ph, pl) split q = p - 1 and p (qh, ph: 12 significant bits).
 
     Normal |g|: ``|g| * 2**(q * y)``, subnormal |g|: ``s * 2**(p * y)``, ``y = log2(|g| / s) = e + log2 m``
-    with the integer part of the exponent split off exactly, so only a fraction in [-1, 2) meets ``exp2``.
+    with the integer part of the exponent split off exactly, so only a fraction in about [-0.5, 0.5] meets ``exp2``.
     """
     a = tl.abs(g)
     small = a < SUBNORMAL
@@ -58,9 +58,10 @@ def _phi(g, qh, ql, ph, pl, scale, scale_e, scale_lm):
     e = e - scale_e
     hi = tl.where(small, ph, qh)
     lo = tl.where(small, pl, ql)
+    t = (hi + lo) * (lm - scale_lm)
     y_hi = hi * e  # exact: 12-bit constant times an integer below 2**9
-    k = tl.floor(y_hi + 0.5)
-    frac = (y_hi - k) + (lo * e + (hi + lo) * (lm - scale_lm))
+    k = tl.floor(y_hi + t + 0.5)
+    frac = (y_hi - k) + (t + lo * e)  # y_hi - k exact; |frac| <= ~0.5
     mag = _times_exp2_int(tl.where(small, scale, a) * tl.exp2(frac), k)
     signed = tl.where(g < 0, -mag, mag)
     return tl.where((a == 0) | (a == float("inf")), g, signed)
