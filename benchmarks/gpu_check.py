@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import platform
 import statistics
 import tempfile
 import time
@@ -51,6 +52,18 @@ PAIRS = (("adamw", "adampower"), ("muon", "muonpower"))
 STEP_BYTES = {"adamw": 28, "adampower": 28}
 PEAK_GBPS = {"H200": 4800, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB": 2039,
              "A100 80GB PCIe": 1935, "A100": 1555, "L40S": 864, "L4": 300, "A10G": 600, "RTX 4090": 1008}  # fmt: skip
+
+
+def cpu_model() -> str:
+    """CPU model name and vector ISA (from /proc/cpuinfo where available)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name}, {isa}, {torch.get_num_threads()} threads"
 
 
 def phi64(g: torch.Tensor, p: float) -> torch.Tensor:
@@ -310,7 +323,7 @@ def main(argv=None) -> dict:
     gp.validate_power(args.p)
     size_name = args.size or ("full" if args.device == "cuda" else "small")
     size = SIZES[size_name]
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({cpu_model()})"
     n = size["phi_numel"]
     correctness = (check_phi(args.device, n, args.p) + check_adampower(args.device, n, args.p)
                    + check_muon_momentum(args.device, n, args.p) + check_grad_scaler(args.device, args.p))  # fmt: skip
