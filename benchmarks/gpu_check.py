@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -72,10 +73,13 @@ def phi64(g: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def ulps(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| in units of the spacing of ``x.dtype`` at ``ref`` (float64 reference)."""
+    """max |x - ref| in units of the spacing of ``x.dtype`` at ``ref`` (float64 reference); equal values
+    (infinities included) and NaN against NaN count 0."""
     rounded = ref.to(x.dtype).abs()
     spacing = (torch.nextafter(rounded, torch.full_like(rounded, float("inf"))) - rounded).double()
-    return ((x.double() - ref).abs() / spacing).max().item()
+    both_nan = x.isnan() & ref.isnan()
+    err = torch.where(both_nan | (x.double() == ref), 0.0, (x.double() - ref).abs() / spacing)
+    return err.max().item() if err.numel() else 0.0
 
 
 def scaled_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -286,8 +290,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['check']} | {r['path']} | {r['error']:.2f} {r['unit']} | {r['bound']:g} | {verdict} |")
     lines += ["", f"## 2. Optimizer step, {result['model_config']} ({step['parameters'] / 1e6:.1f}M fp32 parameters), "
               f"median of {result['steps']} interleaved steps", "",
-              f"phi path: `{step['phi_path']}`. Copy bandwidth measured on this device: {result['copy_gbps']:.0f} GB/s; "
-              f"spec-sheet peak: {result['peak_gbps'] or 'unknown'} GB/s.", "",
+              f"phi path: `{step['phi_path']}`. Copy bandwidth measured on this device: {result['copy_gbps']:.1f} GB/s; "
+              f"spec-sheet peak: {result['peak_gbps'] or 'unknown'} GB/s. Host load average at start: "
+              f"{result['load_average']:.1f} on {result['cpus']} logical CPUs (timings from a busy host are "
+              "not comparable).", "",
               "| optimizer | step (ms) | ratio | target | bytes/param | achieved GB/s | state (MiB) |",
               "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for base, power in PAIRS:
@@ -295,7 +301,7 @@ def markdown(result: dict) -> str:
             ratio = f"{step['ratio'][n]:.3f}x" if n in step["ratio"] else ""
             target = f"<= {TARGETS[n]}x" if n in TARGETS and result["device_type"] == "cuda" else ""
             nbytes = STEP_BYTES.get(n, "")
-            gbps = f"{step['gbps'][n]:.0f}" if n in step["gbps"] else ""
+            gbps = f"{step['gbps'][n]:.1f}" if n in step["gbps"] else ""
             lines.append(f"| {n} | {step['median_ms'][n]:.2f} | {ratio} | {target} | {nbytes} | {gbps} | "
                          f"{step['state_bytes'][n] / 2**20:.1f} |")  # fmt: skip
     lines += ["", "Bytes per parameter: fp32 param, grad, exp_avg, exp_avg_sq read once, param and both moments "
@@ -327,8 +333,9 @@ def main(argv=None) -> dict:
     n = size["phi_numel"]
     correctness = (check_phi(args.device, n, args.p) + check_adampower(args.device, n, args.p)
                    + check_muon_momentum(args.device, n, args.p) + check_grad_scaler(args.device, args.p))  # fmt: skip
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     result = {
-        "device": name, "device_type": args.device, "size": size_name, "p": args.p, "torch": torch.__version__,
+        "load_average": load_average, "cpus": os.cpu_count(), "device": name, "device_type": args.device, "size": size_name, "p": args.p, "torch": torch.__version__,
         "triton": __import__("triton").__version__ if accel.triton_available() else "not installed",
         "correctness": correctness, "model_config": size["model_config"], "steps": size["steps"],
         "step": time_optimizer_steps(args.device, size["model_config"], size["steps"]),

@@ -22,8 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-SUBNORMAL = 1.1754943508222875e-38  # smallest normal float32
-TWO24 = 16777216.0
+SUBNORMAL = tl.constexpr(1.1754943508222875e-38)  # smallest normal float32
+TWO24 = tl.constexpr(16777216.0)
 
 
 @triton.jit
@@ -74,61 +74,95 @@ def _lerp(start, end, weight):
 
 
 @triton.jit
-def _block(addr_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK: tl.constexpr):
-    """This program's tensor index, element offsets and bounds mask."""
+def _block(numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK: tl.constexpr):
+    """This program's tensor index, element offsets, and whether the block lies wholly inside the tensor."""
     pid = tl.program_id(0)
     tid = tl.load(block_tensor_ptr + pid)
-    offsets = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK)
-    return tid, offsets, offsets < tl.load(numel_ptr + tid)
+    start = tl.multiple_of(tl.load(block_start_ptr + pid), BLOCK)
+    numel = tl.load(numel_ptr + tid)
+    return tid, start + tl.arange(0, BLOCK), start + BLOCK <= numel, numel
+
+
+@triton.jit
+def _typed(addr_ptr, tid, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``tid``'s data pointer from the address table (16-byte aligned when the host checked it)."""
+    ptr = tl.load(addr_ptr + tid).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _phi_body(g_ptr, offsets, mask, qh, ql, ph, pl, scale, scale_e, scale_lm):
+    g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
+    tl.store(g_ptr + offsets, _phi(g, qh, ql, ph, pl, scale, scale_e, scale_lm).to(g_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def phi_kernel(
     addr_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, scale_ptr, qh, ql, ph, pl,
-    HAS_SCALE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """In place ``g <- s * phi_p(g / s)`` over a table of same-dtype tensors (one read, one write)."""
-    tid, offsets, mask = _block(addr_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK)
-    g_ptr = tl.load(addr_ptr + tid).to(tl.pointer_type(DTYPE))
+    """In place ``g <- s * phi_p(g / s)`` over a table of same-dtype tensors (one read, one write).
+
+    Whole blocks run unmasked, so the compiler can vectorise their loads and stores; a tensor's last
+    partial block runs masked.
+    """
+    tid, offsets, whole, numel = _block(numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK)
+    g_ptr = _typed(addr_ptr, tid, DTYPE, ALIGNED)
     scale = 1.0
     scale_e = 0.0
     scale_lm = 0.0
     if HAS_SCALE:  # a power-of-two scale (GradScaler's) is folded in exactly: log2 m = 0
         scale = tl.load(scale_ptr).to(tl.float32)
         scale_e, scale_lm = _log2_parts(scale)
-    g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    out = _phi(g, qh, ql, ph, pl, scale, scale_e, scale_lm)
-    tl.store(g_ptr + offsets, out.to(DTYPE), mask=mask)
+    if whole:
+        _phi_body(g_ptr, offsets, None, qh, ql, ph, pl, scale, scale_e, scale_lm)
+    else:
+        _phi_body(g_ptr, offsets, offsets < numel, qh, ql, ph, pl, scale, scale_e, scale_lm)
+
+
+@triton.jit
+def _adamw_body(
+    param_ptr, grad_ptr, m_ptr, v_ptr, offsets, mask, step_size, bias_correction2_sqrt, qh, ql, ph, pl, decay,
+    beta1, beta2, eps, APPLY_PHI: tl.constexpr,
+):
+    g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    if APPLY_PHI:
+        g = _phi(g, qh, ql, ph, pl, 1.0, 0.0, 0.0)
+    x = tl.load(param_ptr + offsets, mask=mask).to(tl.float32) * decay
+    m = _lerp(tl.load(m_ptr + offsets, mask=mask).to(tl.float32), g, 1.0 - beta1)
+    v = tl.load(v_ptr + offsets, mask=mask).to(tl.float32) * beta2 + (1.0 - beta2) * (g * g)
+    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+    x = x - step_size * (m / denom)
+    tl.store(param_ptr + offsets, x.to(param_ptr.dtype.element_ty), mask=mask)
+    tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def adamw_power_kernel(
     param_addr_ptr, grad_addr_ptr, exp_avg_addr_ptr, exp_avg_sq_addr_ptr, numel_ptr, block_tensor_ptr,
-    block_start_ptr, step_hyper_ptr, qh, ql, ph, pl, decay, beta1, beta2, eps,
-    APPLY_PHI: tl.constexpr, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    block_start_ptr, step_hyper_ptr, qh, ql, ph, pl, decay, beta1, beta2, eps, APPLY_PHI: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One AdamW step on phi_p(g), torch's formulas; state in the parameter's dtype.
+    """One AdamW step on phi_p(g), torch's formulas; state in the parameter's dtype (whole blocks unmasked).
 
     ``step_hyper[t] = (lr / bias_correction1, sqrt(bias_correction2))`` of tensor ``t``; ``decay = 1 - lr * wd``.
     """
-    tid, offsets, mask = _block(param_addr_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK)
-    param_ptr = tl.load(param_addr_ptr + tid).to(tl.pointer_type(PARAM_DTYPE))
-    grad_ptr = tl.load(grad_addr_ptr + tid).to(tl.pointer_type(GRAD_DTYPE))
-    m_ptr = tl.load(exp_avg_addr_ptr + tid).to(tl.pointer_type(PARAM_DTYPE))
-    v_ptr = tl.load(exp_avg_sq_addr_ptr + tid).to(tl.pointer_type(PARAM_DTYPE))
+    tid, offsets, whole, numel = _block(numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK)
+    param_ptr = _typed(param_addr_ptr, tid, PARAM_DTYPE, ALIGNED)
+    grad_ptr = _typed(grad_addr_ptr, tid, GRAD_DTYPE, ALIGNED)
+    m_ptr = _typed(exp_avg_addr_ptr, tid, PARAM_DTYPE, ALIGNED)
+    v_ptr = _typed(exp_avg_sq_addr_ptr, tid, PARAM_DTYPE, ALIGNED)
     step_size = tl.load(step_hyper_ptr + 2 * tid)
     bias_correction2_sqrt = tl.load(step_hyper_ptr + 2 * tid + 1)
-    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if APPLY_PHI:
-        g = _phi(g, qh, ql, ph, pl, 1.0, 0.0, 0.0)
-    x = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * decay
-    m = _lerp(tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32), g, 1.0 - beta1)
-    v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * beta2 + (1.0 - beta2) * (g * g)
-    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-    x = x - step_size * (m / denom)
-    tl.store(param_ptr + offsets, x.to(PARAM_DTYPE), mask=mask)
-    tl.store(m_ptr + offsets, m.to(PARAM_DTYPE), mask=mask)
-    tl.store(v_ptr + offsets, v.to(PARAM_DTYPE), mask=mask)
+    if whole:
+        _adamw_body(param_ptr, grad_ptr, m_ptr, v_ptr, offsets, None, step_size, bias_correction2_sqrt, qh, ql, ph,
+                    pl, decay, beta1, beta2, eps, APPLY_PHI)
+    else:
+        _adamw_body(param_ptr, grad_ptr, m_ptr, v_ptr, offsets, offsets < numel, step_size, bias_correction2_sqrt,
+                    qh, ql, ph, pl, decay, beta1, beta2, eps, APPLY_PHI)
 
 
 @triton.jit

@@ -83,8 +83,9 @@ def _tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def _tables(lists: list[list[torch.Tensor]], device: torch.device) -> tuple[list[torch.Tensor], ...]:
-    """Address tables (one per list), numels, and the block map of a multi-tensor launch, cached by address."""
+def _tables(lists: list[list[torch.Tensor]], device: torch.device) -> tuple:
+    """Address tables (one per list), numels, the block map of a multi-tensor launch, and whether every
+    address is 16-byte aligned (lets the kernels vectorise); cached by address."""
     key = (device, tuple(t.data_ptr() for ts in lists for t in ts), tuple(t.numel() for t in lists[0]))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
@@ -96,7 +97,8 @@ def _tables(lists: list[list[torch.Tensor]], device: torch.device) -> tuple[list
     first_block = torch.cumsum(blocks, 0) - blocks
     block_start = (torch.arange(int(blocks.sum())) - torch.repeat_interleave(first_block, blocks)) * BLOCK
     addresses = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in lists]
-    entry = tuple(x.to(device) for x in (*addresses, numel, block_tensor, block_start))
+    aligned = all(t.data_ptr() % 16 == 0 for ts in lists for t in ts)
+    entry = (*(x.to(device) for x in (*addresses, numel, block_tensor, block_start)), aligned)
     _TABLE_CACHE[key] = entry
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)
@@ -136,14 +138,14 @@ def sign_power_tensors_(
     contiguous = [t if t.is_contiguous() else t.contiguous() for t in work]
     powers, k = _power_args(p), _kernels()
     for (device, dtype), idx in _by_kind(range(len(work)), lambda i: (work[i].device, work[i].dtype)).items():
-        addr, numel, block_tensor, block_start = _tables([[contiguous[i] for i in idx]], device)
+        addr, numel, block_tensor, block_start, aligned = _tables([[contiguous[i] for i in idx]], device)
         if grad_scale is None:
             scale = numel  # unused pointer argument
         else:
             scale = torch.as_tensor(grad_scale, dtype=torch.float32).reshape(1).to(device)
         k.phi_kernel[(block_tensor.numel(),)](
             addr, numel, block_tensor, block_start, scale, *powers,
-            HAS_SCALE=grad_scale is not None, DTYPE=_tl_dtype(dtype), BLOCK=BLOCK,
+            HAS_SCALE=grad_scale is not None, DTYPE=_tl_dtype(dtype), ALIGNED=aligned, BLOCK=BLOCK,
         )  # fmt: skip
     for t, c in zip(work, contiguous, strict=True):
         if c is not t:
@@ -195,12 +197,12 @@ def adamw_power_group_step(optimizer: torch.optim.AdamW, group: dict, p: float) 
         if not live:
             continue
         lists = [[ts[i] for i in live] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
-        *addresses, numel, block_tensor, block_start = _tables(lists, device)
+        *addresses, numel, block_tensor, block_start, aligned = _tables(lists, device)
         hyper = step_hyper[live].to(device=device, dtype=torch.float32).reshape(-1)
         k.adamw_power_kernel[(block_tensor.numel(),)](
             *addresses, numel, block_tensor, block_start, hyper, *_power_args(p), 1.0 - lr * wd,
             beta1, beta2, eps, APPLY_PHI=p != 1.0, PARAM_DTYPE=_tl_dtype(param_dtype),
-            GRAD_DTYPE=_tl_dtype(grad_dtype), BLOCK=BLOCK,
+            GRAD_DTYPE=_tl_dtype(grad_dtype), ALIGNED=aligned, BLOCK=BLOCK,
         )  # fmt: skip
     return True
 

@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("triton", reason="the accelerator path needs triton (pip install triton; Linux)")
 
 import hf_gradpower as gp  # noqa: E402
+from benchmarks.gpu_check import phi64, ulps  # noqa: E402
 from hf_gradpower import accel  # noqa: E402
 from tests.conftest import tiny_llama  # noqa: E402
 
@@ -37,20 +38,6 @@ def interpreter(monkeypatch):
     sys.modules.pop(KERNELS, None)
     if previous is not None:
         sys.modules[KERNELS] = previous
-
-
-def phi64(g: torch.Tensor, p: float) -> torch.Tensor:
-    d = g.double()
-    return d.abs().pow(p).copysign(d)
-
-
-def ulps(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| in units of the spacing of ``x.dtype`` at ``ref`` (ref in float64); NaN where both are NaN."""
-    rounded = ref.to(x.dtype).abs()
-    spacing = (torch.nextafter(rounded, torch.full_like(rounded, float("inf"))) - rounded).double()
-    both_nan = x.isnan() & ref.isnan()
-    err = torch.where(both_nan | (x.double() == ref), 0.0, (x.double() - ref).abs() / spacing)
-    return err.max().item() if err.numel() else 0.0
 
 
 def assert_close_scaled(x: torch.Tensor, ref: torch.Tensor, k: float) -> None:
@@ -222,3 +209,45 @@ def test_no_cpu_kernel_build_when_every_tensor_takes_the_triton_path():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.fixture
+def compiled_kernels(monkeypatch):
+    """The kernels module as a GPU would load it (no interpreter), restored afterwards."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    previous = sys.modules.pop(KERNELS, None)
+    yield importlib.import_module(KERNELS)
+    sys.modules.pop(KERNELS, None)
+    if previous is not None:
+        sys.modules[KERNELS] = previous
+
+
+def test_kernels_compile_for_an_h100_with_fp32_math_and_vector_loads(compiled_kernels):
+    """Ahead-of-time compile for sm_90 (no GPU needed): catches what the interpreter does not check, and
+    shows in the PTX that no float64 is used and that whole blocks use 128-bit loads and stores."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    table = {"numel_ptr": "*i64", "block_tensor_ptr": "*i32", "block_start_ptr": "*i64"}
+    powers = {n: "fp32" for n in ("qh", "ql", "ph", "pl")}
+    phi = ASTSource(
+        fn=compiled_kernels.phi_kernel,
+        signature={"addr_ptr": "*i64", **table, "scale_ptr": "*fp32", **powers,
+                   **dict.fromkeys(("HAS_SCALE", "DTYPE", "ALIGNED", "BLOCK"), "constexpr")},
+        constexprs={"HAS_SCALE": True, "DTYPE": tl.bfloat16, "ALIGNED": True, "BLOCK": accel.BLOCK},
+    )  # fmt: skip
+    addresses = ("param_addr_ptr", "grad_addr_ptr", "exp_avg_addr_ptr", "exp_avg_sq_addr_ptr")
+    adamw = ASTSource(
+        fn=compiled_kernels.adamw_power_kernel,
+        signature={**dict.fromkeys(addresses, "*i64"), **table, "step_hyper_ptr": "*fp32", **powers,
+                   **dict.fromkeys(("decay", "beta1", "beta2", "eps"), "fp32"),
+                   **dict.fromkeys(("APPLY_PHI", "PARAM_DTYPE", "GRAD_DTYPE", "ALIGNED", "BLOCK"), "constexpr")},
+        constexprs={"APPLY_PHI": True, "PARAM_DTYPE": tl.float32, "GRAD_DTYPE": tl.bfloat16, "ALIGNED": True,
+                    "BLOCK": accel.BLOCK},
+    )  # fmt: skip
+    for source in (phi, adamw):
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        assert ".f64" not in ptx
+        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
