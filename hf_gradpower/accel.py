@@ -30,6 +30,7 @@ the CPU C kernel of :mod:`hf_gradpower._kernels`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -69,6 +70,11 @@ def takes_triton_path(t: torch.Tensor) -> bool:
         return False
     on_device = t.device.type in DEVICE_TYPES or (t.device.type == "cpu" and _interpreting())
     return on_device and triton_available()
+
+
+def _on(device: torch.device):
+    """Launch on the tensors' own GPU (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _kernels():
@@ -143,10 +149,11 @@ def sign_power_tensors_(
             scale = numel  # unused pointer argument
         else:
             scale = torch.as_tensor(grad_scale, dtype=torch.float32).reshape(1).to(device)
-        k.phi_kernel[(block_tensor.numel(),)](
-            addr, numel, block_tensor, block_start, scale, *powers,
-            HAS_SCALE=grad_scale is not None, DTYPE=_tl_dtype(dtype), ALIGNED=aligned, BLOCK=BLOCK,
-        )  # fmt: skip
+        with _on(device):
+            k.phi_kernel[(block_tensor.numel(),)](
+                    addr, numel, block_tensor, block_start, scale, *powers,
+                HAS_SCALE=grad_scale is not None, DTYPE=_tl_dtype(dtype), ALIGNED=aligned, BLOCK=BLOCK,
+            )  # fmt: skip
     for t, c in zip(work, contiguous, strict=True):
         if c is not t:
             t.copy_(c)
@@ -199,11 +206,12 @@ def adamw_power_group_step(optimizer: torch.optim.AdamW, group: dict, p: float) 
         lists = [[ts[i] for i in live] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
         *addresses, numel, block_tensor, block_start, aligned = _tables(lists, device)
         hyper = step_hyper[live].to(device=device, dtype=torch.float32).reshape(-1)
-        k.adamw_power_kernel[(block_tensor.numel(),)](
-            *addresses, numel, block_tensor, block_start, hyper, *_power_args(p), 1.0 - lr * wd,
-            beta1, beta2, eps, APPLY_PHI=p != 1.0, PARAM_DTYPE=_tl_dtype(param_dtype),
-            GRAD_DTYPE=_tl_dtype(grad_dtype), ALIGNED=aligned, BLOCK=BLOCK,
-        )  # fmt: skip
+        with _on(device):
+            k.adamw_power_kernel[(block_tensor.numel(),)](
+                *addresses, numel, block_tensor, block_start, hyper, *_power_args(p), 1.0 - lr * wd,
+                beta1, beta2, eps, APPLY_PHI=p != 1.0, PARAM_DTYPE=_tl_dtype(param_dtype),
+                GRAD_DTYPE=_tl_dtype(grad_dtype), ALIGNED=aligned, BLOCK=BLOCK,
+            )  # fmt: skip
     return True
 
 
@@ -219,10 +227,11 @@ def muon_power_momentum_(
     update = torch.empty_like(grad) if nesterov else buf
     n = grad.numel()
     if n:
-        _kernels().muon_power_momentum_kernel[((n + BLOCK - 1) // BLOCK,)](
-            grad, buf, update, n, float(momentum), *_power_args(p),
-            APPLY_PHI=p != 1.0, NESTEROV=bool(nesterov), BLOCK=BLOCK,
-        )  # fmt: skip
+        with _on(grad.device):
+            _kernels().muon_power_momentum_kernel[((n + BLOCK - 1) // BLOCK,)](
+                grad, buf, update, n, float(momentum), *_power_args(p),
+                APPLY_PHI=p != 1.0, NESTEROV=bool(nesterov), BLOCK=BLOCK,
+            )  # fmt: skip
     return update
 
 
