@@ -236,10 +236,13 @@ def muon_power_momentum_(
 
 
 def fuses_muon_power(group: dict, p: float) -> bool:
-    """Whether a Muon group's phi_p can run inside its momentum kernel (every gradient on a Triton device)."""
+    """Whether a Muon group's phi_p can run inside its momentum kernel (every gradient, or its local shard,
+    on a Triton device)."""
     if not group.get("use_muon") or p == 1.0:
         return False
-    grads = [q.grad for q in group["params"] if q.grad is not None]
+    from hf_gradpower.transform import _local  # transform imports this module
+
+    grads = [_local(q.grad) for q in group["params"] if q.grad is not None]
     return bool(grads) and all(takes_triton_path(g) and g.is_contiguous() for g in grads)
 
 
