@@ -7,7 +7,8 @@ maximize, capturable or differentiable), phi runs inside a one-pass C kernel tha
 update, so its arithmetic hides under the memory traffic AdamW pays anyway. Every other case (CUDA, bf16
 parameters, amsgrad, phi already applied before clipping, p = 1, no compiler) applies phi with
 :func:`hf_gradpower.power_` and runs torch's own AdamW update (fused or foreach, as configured) on the
-same state.
+same state. On accelerators (CUDA, ROCm, XPU) the same fusion is a Triton kernel, tried first for every
+group: see :mod:`hf_gradpower.accel`.
 
 The optimizer *is* a ``torch.optim.AdamW``: same hyper-parameters, state layout and ``state_dict``; ``p``
 is the ``gradpower_p`` group key that ``attach`` uses, so ``gradpower_p()``, ``detach``, ``apply_now`` and
@@ -22,13 +23,14 @@ import math
 
 import torch
 
-from hf_gradpower import _kernels
+from hf_gradpower import _kernels, accel
 from hf_gradpower._kernels import dense_cpu_f32
 from hf_gradpower.adamw_step import adamw_group_step
 from hf_gradpower.attach import GROUP_KEY, attach, take_applied_flag
 from hf_gradpower.transform import DEFAULT_POWER, power_
 
 __all__ = ["AdamPower"]
+
 
 class AdamPower(torch.optim.AdamW):
     """``torch.optim.AdamW`` on phi_p(g); ``p`` (default 1.2) is stored in every param group."""
@@ -52,6 +54,8 @@ class AdamPower(torch.optim.AdamW):
         already_applied = take_applied_flag(self)
         for group in self.param_groups:
             p = group.get(GROUP_KEY, 1.0)
+            if p != 1.0 and not already_applied and accel.adamw_power_group_step(self, group, p):
+                continue  # accelerators: phi fused into AdamW by a Triton kernel (never builds the CPU kernel)
             if p == 1.0 or already_applied or not _one_pass_step(self, group, p):
                 if p != 1.0 and not already_applied:
                     power_((q.grad for q in group["params"]), p)

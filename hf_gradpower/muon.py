@@ -30,7 +30,9 @@ import torch
 import torch.distributed as dist
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr, _zeropower_via_newtonschulz
 
+from hf_gradpower import accel
 from hf_gradpower.adamw_step import adamw_group_step
+from hf_gradpower.attach import GROUP_KEY, is_attached
 from hf_gradpower.muon_sharded import (
     MatrixJob,
     NewtonSchulzStats,
@@ -119,6 +121,13 @@ class MuonAdamW(torch.optim.AdamW):
         if self.param_groups[-1].get("use_muon"):
             _check_muon_group(self.param_groups[-1])
 
+    @property
+    def applies_gradpower_in_step(self) -> bool:
+        """True when GradPower's phi can be fused into a Muon group's momentum (accelerator, p != 1): the
+        global GradPower hook then leaves phi to this step (see :func:`hf_gradpower.accel.take_fused_muon_powers`).
+        Never for a baseline that merely loaded a GradPower checkpoint (not attached): it stays the baseline."""
+        return is_attached(self) and any(accel.fuses_muon_power(g, g.get(GROUP_KEY, 1.0)) for g in self.param_groups)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One step: Muon on the ``use_muon`` groups, AdamW on the rest."""
@@ -126,19 +135,21 @@ class MuonAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        fused_powers = accel.take_fused_muon_powers(self) if self.applies_gradpower_in_step else {}
         muon_groups = [group for group in self.param_groups if group["use_muon"]]
         if muon_groups:
-            self._muon_step(muon_groups)
+            self._muon_step(muon_groups, fused_powers)
         for group in self.param_groups:
             if not group["use_muon"]:
                 adamw_group_step(self, group)
         return loss
 
-    def _muon_step(self, groups: list[dict]) -> None:
+    def _muon_step(self, groups: list[dict], fused_powers: dict[int, float] | None = None) -> None:
         """``torch.optim.Muon``'s update, extended to stacks of matrices (MoE experts) and to sharded parameters.
 
         Momentum, weight decay and the update run on each rank's own shard; only Newton-Schulz needs whole
         matrices, and :mod:`hf_gradpower.muon_sharded` brings each one to a single owner rank.
+        ``fused_powers[id(group)] = p``: phi_p(g) fused into that group's momentum update (accelerators).
         """
         entries, sharded, replicated = [], {}, []
         self.ns_stats.orthogonalised_numel = 0
@@ -157,8 +168,13 @@ class MuonAdamW(torch.optim.AdamW):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
                 buf, local_grad = _local(state["momentum_buffer"]), _local(grad)
-                buf.lerp_(local_grad, 1 - group["momentum"])
-                update = local_grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                fused_power = (fused_powers or {}).get(id(group), 1.0)
+                if fused_power != 1.0:
+                    update = accel.muon_power_momentum_(local_grad, buf, group["momentum"], fused_power,
+                                                        group["nesterov"])  # fmt: skip
+                else:
+                    buf.lerp_(local_grad, 1 - group["momentum"])
+                    update = local_grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                 job = MatrixJob(tuple(param.shape), update, orthogonalise)
                 if is_row_sharded_matrix(param):
                     sharded.setdefault(param.device_mesh.get_group(), []).append(job)
