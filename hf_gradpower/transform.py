@@ -89,21 +89,22 @@ def power_(
     p = validate_power(p)
     if p == 1.0:
         return
-    grads = [g for g in grads if g is not None]
-    if grad_scale is None:  # CPU float32 gradients: one C kernel call for all of them
-        grads = sign_power_cpu_many_(grads, p)
-    on_accelerator = []  # one multi-tensor launch for these, the loss scale folded into the kernel
+    on_accelerator, others = [], []  # local tensors (DTensor shards unwrapped), split by where phi runs
     for g in grads:
-        if accel.takes_triton_path(local := _checked_local(g)):
-            on_accelerator.append(local)
-        elif grad_scale is None:
+        if g is not None:
+            local = _checked_local(g)
+            (on_accelerator if accel.takes_triton_path(local) else others).append(local)
+    if on_accelerator:  # one multi-tensor launch, the loss scale folded into the kernel
+        accel.sign_power_tensors_(on_accelerator, p, grad_scale=grad_scale)
+    if grad_scale is None:  # CPU float32 gradients: one C kernel call for all of them
+        others = sign_power_cpu_many_(others, p)
+    for g in others:
+        if grad_scale is None:
             sign_power_tensor_(g, p)
         else:
-            _local(g).div_(grad_scale)
+            g.div_(grad_scale)
             sign_power_tensor_(g, p)
-            _local(g).mul_(grad_scale)
-    if on_accelerator:
-        accel.sign_power_tensors_(on_accelerator, p, grad_scale=grad_scale)
+            g.mul_(grad_scale)
 
 
 def sign_power(g: torch.Tensor, p: float) -> torch.Tensor:
