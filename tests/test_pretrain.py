@@ -124,7 +124,7 @@ BAD_INPUT = {  # case: (argv given tmp_path, what the line must say)
     "truncated YAML config": (lambda p: [_write(p / "run.yaml", "max_steps: 5\noptim: [adamw\n")], "not valid YAML"),
     "negative layers": (lambda p: ["--model_config", _bad_model_config(p / "bad.json")], "num_hidden_layers=-2"),
     "unknown flag": (lambda p: ["--max_stepz", "5"], "unrecognized arguments: --max_stepz"),
-    "nothing to resume": (lambda p: ["--resume_from_checkpoint", "latest"], "no readable checkpoint"),
+    "nothing to resume": (lambda p: ["--resume_from_checkpoint", "latest"], "no complete checkpoint"),
 }
 
 
