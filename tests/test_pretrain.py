@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from hf_gradpower.checkpoints import latest_checkpoint
 from hf_gradpower.model_configs import MODEL_CONFIGS_DIR
@@ -252,8 +253,11 @@ def test_push_to_hub_uploads_weights_and_our_model_card(tmp_path, monkeypatch):
     assert "AdamPower(p=1.2)" in (out / "README.md").read_text()  # not replaced by Trainer's generic card
 
 
-def test_streaming_data_and_tensorboard_logging(tmp_path):
+def test_streaming_data_tensorboard_logging_and_bare_boolean_flags(tmp_path):
     out = run(quick(max_steps=4, eval_steps=2, save_steps=4) + ["--streaming", "true", "--report_to", "tensorboard",
+                                                              "--use_cpu", "--gradient_checkpointing",
                                                               "--output_dir", str(tmp_path / "stream")])
     assert sorted(losses(out)) == [1, 2, 3, 4]
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert (args.use_cpu, args.gradient_checkpointing) == (True, True)
     assert list(out.rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
