@@ -109,8 +109,9 @@ def resolve_resume(resume: str | bool | None, output_dir: str | os.PathLike) -> 
     if resume is True or str(resume).lower() in _LATEST:
         found = latest_checkpoint(output_dir)
         if found is None:
-            raise ValueError(f"--resume_from_checkpoint {resume}: no readable checkpoint-* folder in {output_dir}; "
-                             "start without --resume_from_checkpoint, or pass the --output_dir of the run to continue")
+            raise ValueError(f"--resume_from_checkpoint {resume}: no complete checkpoint-* folder in {output_dir} "
+                             "(one with every file readable); start without --resume_from_checkpoint, or pass the "
+                             "--output_dir of the run to continue")
     else:
         found = str(resume)
         problem = checkpoint_problem(found) if Path(found).exists() else "it does not exist"

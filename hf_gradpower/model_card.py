@@ -113,10 +113,13 @@ Metrics per logged step: `metrics.json`, `metrics.csv`. Run facts: `{RUN_INFO_FI
 
 
 def label_of(info: dict) -> str:
-    """Paper-style optimizer label: ``AdamW``, ``AdamPower(p=1.2)``, ``MuonPower(p=1.2)``, ``SGDPower(p=1.5)``."""
+    """Paper-style optimizer label: ``AdamW``, ``AdamPower(p=1.2)``, ``MuonPower(p=1.2)``, ``SGDPower(p=1.5)``.
+
+    ``gradpower_p`` is recorded only for runs whose optimizer applied GradPower, so it alone decides the suffix.
+    """
     names = {"adamw": "AdamW", "adampower": "AdamPower", "muon": "Muon", "muonpower": "MuonPower"}
     optim = str(info.get("optim", "?"))
     label = names.get(optim, optim)
-    if optim.endswith("power") and info.get("gradpower_p") is not None:
+    if info.get("gradpower_p") is not None:
         label = f"{label}(p={info['gradpower_p']:g})"
     return label

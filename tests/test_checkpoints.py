@@ -70,7 +70,7 @@ def test_resume_latest_falls_back_to_the_newest_readable_checkpoint(tmp_path, ca
 
 def test_resume_requests(tmp_path):
     assert resolve_resume(None, tmp_path) is None and resolve_resume("false", tmp_path) is None
-    with pytest.raises(ValueError, match="no readable checkpoint"):
+    with pytest.raises(ValueError, match="no complete checkpoint"):
         resolve_resume("latest", tmp_path)
     ckpt = make_checkpoint(tmp_path, 3)
     assert resolve_resume(str(ckpt), tmp_path) == str(ckpt)

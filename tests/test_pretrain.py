@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from hf_gradpower.checkpoints import latest_checkpoint
 from hf_gradpower.model_configs import MODEL_CONFIGS_DIR
@@ -124,7 +125,7 @@ BAD_INPUT = {  # case: (argv given tmp_path, what the line must say)
     "truncated YAML config": (lambda p: [_write(p / "run.yaml", "max_steps: 5\noptim: [adamw\n")], "not valid YAML"),
     "negative layers": (lambda p: ["--model_config", _bad_model_config(p / "bad.json")], "num_hidden_layers=-2"),
     "unknown flag": (lambda p: ["--max_stepz", "5"], "unrecognized arguments: --max_stepz"),
-    "nothing to resume": (lambda p: ["--resume_from_checkpoint", "latest"], "no readable checkpoint"),
+    "nothing to resume": (lambda p: ["--resume_from_checkpoint", "latest"], "no complete checkpoint"),
 }
 
 
@@ -252,8 +253,11 @@ def test_push_to_hub_uploads_weights_and_our_model_card(tmp_path, monkeypatch):
     assert "AdamPower(p=1.2)" in (out / "README.md").read_text()  # not replaced by Trainer's generic card
 
 
-def test_streaming_data_and_tensorboard_logging(tmp_path):
+def test_streaming_data_tensorboard_logging_and_bare_boolean_flags(tmp_path):
     out = run(quick(max_steps=4, eval_steps=2, save_steps=4) + ["--streaming", "true", "--report_to", "tensorboard",
+                                                              "--use_cpu", "--gradient_checkpointing",
                                                               "--output_dir", str(tmp_path / "stream")])
     assert sorted(losses(out)) == [1, 2, 3, 4]
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert (args.use_cpu, args.gradient_checkpointing) == (True, True)
     assert list(out.rglob("events.out.tfevents.*")), "tensorboard wrote no event file"
