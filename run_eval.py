@@ -1,9 +1,11 @@
 """Zero-shot tables of checkpoints with lm-eval, side by side, the paper's way.
 
     python run_eval.py out/adamw out/adampower --limit 200
+    python run_eval.py outputs/llama-tiny-adampower-cos --tasks arc_tiny,hellaswag_tiny,piqa_tiny  # offline
     python run_eval.py out/adamw out/adampower --tasks my_task --include_path my_tasks/ --update_model_card
 
-The first checkpoint is the baseline (Gain columns); logic in ``hf_gradpower.evaluation``.
+The first checkpoint is the baseline (Gain columns); logic in ``hf_gradpower.evaluation``. The tiny offline
+tasks ``arc_tiny``, ``hellaswag_tiny`` and ``piqa_tiny`` ship with the package and are always available.
 """
 
 from __future__ import annotations
@@ -23,8 +25,14 @@ def _batch(s: str):
     return s if s.startswith("auto") else int(s)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One ``run_eval.py: error: ...`` line, like every other bad input (no usage dump)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="run_eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+", help="checkpoint folders; the first is the baseline")
     ap.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma list of lm-eval task/group names")
     ap.add_argument("--include_path", default=None, help="folder of custom lm-eval task YAMLs")

@@ -6,9 +6,12 @@
     python run_pretrain.py my_run.yaml --max_steps 100      # file, then flag overrides
 
 All transformers TrainingArguments pass through (--report_to tensorboard, --bf16, --save_steps, ...).
+Bad input is one `run_pretrain.py: error: ...` line; HF_GRADPOWER_DEBUG=1 shows its traceback.
 """
 
-from hf_gradpower.pretrain import run
+import sys
+
+from hf_gradpower.pretrain import main
 
 if __name__ == "__main__":
-    run()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""(Re)generate ``configs/models/*.json`` from the GradPower paper's Tables 1-2 (arXiv 2505.24275).
+"""(Re)generate ``hf_gradpower/resources/model_configs/*.json`` (shipped inside the package) from the GradPower paper's Tables 1-2 (arXiv 2505.24275).
 
     python configs/make_model_configs.py            # write the JSON files (counts via the meta device)
     python configs/make_model_configs.py --explore  # print the search over readings of the tables
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-OUT = REPO / "configs" / "models"
+OUT = REPO / "hf_gradpower" / "resources" / "model_configs"
 
 T5_C4 = {"dataset": "c4", "tokenizer": "T5 (t5-base SentencePiece), vocab 32000 (GaLore / Wortsman setup)",
          "seq_len": 256, "batch_size": 512}

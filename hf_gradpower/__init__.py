@@ -10,7 +10,7 @@ Layers, following ``theta <- theta - lr * Q(phi(g))``:
 """
 
 from hf_gradpower.adampower import AdamPower
-from hf_gradpower.attach import apply_now, attach, detach, gradpower_p
+from hf_gradpower.attach import apply_now, attach, detach, gradpower_p, is_attached
 from hf_gradpower.muon import MuonAdamW
 from hf_gradpower.optimizers import available_optimizers, build_optimizer, register_optimizer
 from hf_gradpower.transform import DEFAULT_POWER, power_, sign_power, validate_power
@@ -27,6 +27,7 @@ __all__ = [
     "build_optimizer",
     "detach",
     "gradpower_p",
+    "is_attached",
     "power_",
     "register_optimizer",
     "sign_power",

@@ -7,7 +7,8 @@ maximize, capturable or differentiable), phi runs inside a one-pass C kernel tha
 update, so its arithmetic hides under the memory traffic AdamW pays anyway. Every other case (CUDA, bf16
 parameters, amsgrad, phi already applied before clipping, p = 1, no compiler) applies phi with
 :func:`hf_gradpower.power_` and runs torch's own AdamW update (fused or foreach, as configured) on the
-same state.
+same state. On accelerators (CUDA, ROCm, XPU) the same fusion is a Triton kernel, tried first for every
+group: see :mod:`hf_gradpower.accel`.
 
 The optimizer *is* a ``torch.optim.AdamW``: same hyper-parameters, state layout and ``state_dict``; ``p``
 is the ``gradpower_p`` group key that ``attach`` uses, so ``gradpower_p()``, ``detach``, ``apply_now`` and
@@ -22,14 +23,13 @@ import math
 
 import torch
 
-from hf_gradpower import _kernels
+from hf_gradpower import _kernels, accel
+from hf_gradpower._kernels import dense_cpu_f32
 from hf_gradpower.adamw_step import adamw_group_step
 from hf_gradpower.attach import GROUP_KEY, attach, take_applied_flag
 from hf_gradpower.transform import DEFAULT_POWER, power_
 
 __all__ = ["AdamPower"]
-
-_HYPER = ctypes.c_float * 8
 
 
 class AdamPower(torch.optim.AdamW):
@@ -54,6 +54,8 @@ class AdamPower(torch.optim.AdamW):
         already_applied = take_applied_flag(self)
         for group in self.param_groups:
             p = group.get(GROUP_KEY, 1.0)
+            if p != 1.0 and not already_applied and accel.adamw_power_group_step(self, group, p):
+                continue  # accelerators: phi fused into AdamW by a Triton kernel (never builds the CPU kernel)
             if p == 1.0 or already_applied or not _one_pass_step(self, group, p):
                 if p != 1.0 and not already_applied:
                     power_((q.grad for q in group["params"]), p)
@@ -70,44 +72,37 @@ def _qualifies(group: dict) -> bool:
     return not any(torch.is_tensor(v) for v in (group["lr"], group["weight_decay"], group["eps"], *group["betas"]))
 
 
-def _dense_cpu_f32(t: torch.Tensor) -> bool:
-    """A plain (not DTensor or other subclass) dense contiguous CPU float32 tensor: what the C pass reads."""
-    plain = type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
-    return plain and t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-
-
 def _one_pass_step(optimizer: torch.optim.AdamW, group: dict, p: float) -> bool:
-    """AdamW on phi_p(g) in one C pass per tensor; returns False, before any update, if the group doesn't qualify."""
+    """AdamW on phi_p(g) for the whole group in ONE C call (one OpenMP region over all its tensors); returns
+    False, before any update, if the group doesn't qualify. Devices are checked before the kernel is
+    touched, so a step on accelerator (or meta) tensors never builds or validates the CPU kernel."""
     if not _qualifies(group) or not 0.0 < p <= _kernels.FAST_P_MAX or _kernels.kernel_mode() == "eager":
+        return False
+    params = [q for q in group["params"] if q.grad is not None]
+    if not params or not all(dense_cpu_f32(q) and dense_cpu_f32(q.grad) for q in params):
         return False
     if not _kernels.fast_kernel_available():
         return False
-    params = [q for q in group["params"] if q.grad is not None]
-    if not all(_dense_cpu_f32(q) and _dense_cpu_f32(q.grad) for q in params):
-        return False
     params_, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
     optimizer._init_group(group, params_, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
-    if not all(_dense_cpu_f32(s) for s in (*exp_avgs, *exp_avg_sqs)):
+    if not all(dense_cpu_f32(s) for s in (*exp_avgs, *exp_avg_sqs)):
         return False
     lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
     beta1, beta2 = (float(b) for b in group["betas"])
-    kernel = _kernels.fast_kernel()
-    nthreads = torch.get_num_threads()
-    hyper_by_step: dict[float, ctypes.Array] = {}
-    for param, grad, m, v, step_t in zip(params_, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+    hyper_by_step: dict[float, tuple[float, ...]] = {}
+    hyper: list[float] = []
+    for step_t in steps:
         step_t += 1
         step = float(step_t)
-        hyper = hyper_by_step.get(step)
-        if hyper is None:  # torch's own formulas, in double, rounded once to float32
+        if step not in hyper_by_step:  # torch's own formulas, in double, rounded once to float32
             bias_correction1 = 1.0 - beta1**step
             bias_correction2 = 1.0 - beta2**step
-            hyper = hyper_by_step[step] = _HYPER(
+            hyper_by_step[step] = (
                 1.0 - lr * wd, beta1, 1.0 - beta1, beta2, 1.0 - beta2, lr / bias_correction1,
                 1.0 / math.sqrt(bias_correction2), eps,
             )
-        n = param.numel()
-        kernel.adamw_power(
-            param.data_ptr(), grad.data_ptr(), m.data_ptr(), v.data_ptr(), n, p, hyper,
-            nthreads if n >= _kernels.PARALLEL_MIN_NUMEL else 1,
-        )
+        hyper.extend(hyper_by_step[step])
+    _kernels.fast_kernel().adamw_power_many(
+        params_, grads, exp_avgs, exp_avg_sqs, p, (ctypes.c_float * len(hyper))(*hyper), torch.get_num_threads()
+    )
     return True

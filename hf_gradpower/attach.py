@@ -21,6 +21,10 @@ Caveat: torch wraps each optimizer class's own ``step`` with the hooks, so a sub
 calls ``super().step()`` fires them twice (phi would be applied twice). Build such optimizers by
 calling the functional update (as ``MuonAdamW`` does) rather than ``super().step()``.
 
+The optimizer the user built decides: only an optimizer that was attached (``attach`` puts ``p`` in its
+``defaults`` too) gets phi. A baseline that loads a GradPower checkpoint receives param groups carrying
+``gradpower_p``; it ignores them, drops them at its next step with one warning, and stays the baseline.
+
 Order with clipping: by default the hook runs at ``step``, i.e. after any clipping you did.
 The paper's order is power first: call :func:`apply_now` before clipping; the hook then skips that
 step (see ``GradPowerTrainer`` for the Trainer integration).
@@ -66,9 +70,17 @@ def detach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
+def is_attached(optimizer: torch.optim.Optimizer) -> bool:
+    """True if GradPower was attached to ``optimizer`` (not merely loaded from a checkpoint's param groups)."""
+    return GROUP_KEY in _unwrap(optimizer).defaults
+
+
 def gradpower_p(optimizer: torch.optim.Optimizer) -> float | None:
     """The ``p`` of the optimizer (``None`` if GradPower is not attached); raises if groups disagree."""
-    powers = {g.get(GROUP_KEY) for g in _unwrap(optimizer).param_groups}
+    optimizer = _unwrap(optimizer)
+    if not is_attached(optimizer):
+        return None
+    powers = {g.get(GROUP_KEY) for g in optimizer.param_groups}
     if len(powers) > 1:
         raise ValueError(f"param groups carry different gradpower p values: {sorted(map(str, powers))}")
     return powers.pop() if powers else None
@@ -93,6 +105,9 @@ def take_applied_flag(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def _power_groups(optimizer: torch.optim.Optimizer, grad_scale) -> None:
+    if not is_attached(optimizer):
+        _drop_loaded_power(optimizer)
+        return
     for group in optimizer.param_groups:
         p = group.get(GROUP_KEY)
         if p is not None and p != 1.0:
@@ -107,6 +122,9 @@ def _step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         return  # e.g. AdamPower: phi is part of its own step
     if take_applied_flag(optimizer):
         return
+    if not is_attached(optimizer):
+        _drop_loaded_power(optimizer)
+        return
     if not any(group.get(GROUP_KEY, 1.0) != 1.0 for group in optimizer.param_groups):
         return
     if "grad_scaler" in kwargs:
@@ -117,6 +135,17 @@ def _step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     # GradScaler sets grad_scale on optimizers that unscale inside their kernel (fused Adam/AdamW);
     # it is None when the gradients were already unscaled (unscale_ or clipping ran first).
     _power_groups(optimizer, getattr(optimizer, "grad_scale", None))
+
+
+def _drop_loaded_power(optimizer: torch.optim.Optimizer) -> None:
+    """A never-attached optimizer stays a baseline: drop ``p`` its groups got from a GradPower checkpoint."""
+    loaded = sorted({str(g.pop(GROUP_KEY)) for g in optimizer.param_groups if GROUP_KEY in g})
+    if loaded:
+        logger.warning(
+            "%s was built without GradPower but loaded param groups with gradpower p=%s (a GradPower checkpoint): "
+            "ignored, it stays the baseline. To train with GradPower, build it with hf_gradpower.attach(optimizer, p) "
+            "or a '*power' optimizer name.", type(optimizer).__name__, ", ".join(loaded),
+        )
 
 
 def _keep_power_on_load(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:

@@ -7,23 +7,31 @@ lm-eval's numbers as they are (never re-scored): one row per task plus the avera
 
 from __future__ import annotations
 
+import atexit
 import csv
 import json
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_gradpower.model_card import RUN_INFO_FILE, label_of
 
 PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "openbookqa", "winogrande", "piqa")
+# Tiny offline tasks shipped with the package (hand-written items in the tasks' schemas), always registered.
+EXAMPLE_TASKS = ("arc_tiny", "hellaswag_tiny", "piqa_tiny")
+EXAMPLE_TASKS_DIR = Path(__file__).resolve().parent / "resources" / "lm_eval_tasks"
 METRICS = ("acc", "acc_norm")
+FALLBACK_MARK = "*"  # a row whose task has no acc_norm and reports acc instead
 CARD_SECTION = "## Zero-shot evaluation"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 _LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "webdataset", "imagefolder",
                    "audiofolder"}
 _TASK_MANAGERS: dict = {}
+_EXAMPLE_DIR: list[str] = []
 
 
 @dataclass
@@ -33,14 +41,41 @@ class Checkpoint:
     info: dict = field(default_factory=dict)
 
 
+def example_task_dir() -> str:
+    """The shipped example tasks, ready for lm-eval: their YAML templates with ``@DATA_DIR@`` filled in.
+
+    lm-eval hands ``data_files`` to ``datasets`` as is (relative paths would follow the working directory),
+    so the absolute path of the installed package goes in; written once per process to a temporary folder.
+    """
+    if not _EXAMPLE_DIR:
+        folder = tempfile.mkdtemp(prefix="hf_gradpower_tasks_")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        for template in sorted(EXAMPLE_TASKS_DIR.glob("*.yaml.in")):
+            text = template.read_text().replace("@DATA_DIR@", str(EXAMPLE_TASKS_DIR))
+            (Path(folder) / template.name.removesuffix(".in")).write_text(text)
+        _EXAMPLE_DIR.append(folder)
+    return _EXAMPLE_DIR[0]
+
+
 def task_manager(include_path: str | list[str] | None = None):
-    """``lm_eval.tasks.TaskManager`` for ``include_path``, built once per process (indexing takes seconds)."""
+    """``lm_eval.tasks.TaskManager`` for ``include_path`` plus the shipped example tasks, built once per process
+    (indexing takes seconds)."""
     from lm_eval.tasks import TaskManager
 
-    key = tuple(include_path) if isinstance(include_path, list) else include_path
+    paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
+    key = tuple(paths)
     if key not in _TASK_MANAGERS:
-        _TASK_MANAGERS[key] = TaskManager(include_path=include_path)
+        _TASK_MANAGERS[key] = TaskManager(include_path=[*paths, example_task_dir()])
     return _TASK_MANAGERS[key]
+
+
+def check_limit(limit) -> None:
+    """``--limit``: a positive number of examples, or a fraction in (0, 1)."""
+    if limit is None:
+        return
+    whole = isinstance(limit, int) or float(limit).is_integer()
+    if isinstance(limit, bool) or not limit > 0 or (not whole and limit >= 1):
+        raise ValueError(f"--limit {limit:g}: give a positive number of examples per task, or a fraction below 1")
 
 
 def parse_tasks(tasks: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -161,30 +196,46 @@ def _value(res: dict, metric: str):
     return (v if isinstance(v, (int, float)) else None), (se if isinstance(se, (int, float)) else None)
 
 
+def _row_metric(task_results: list[dict], metric: str) -> str:
+    """``metric``, or ``acc`` (marked) for ``acc_norm`` on a task that reports only ``acc`` (e.g. WinoGrande)."""
+    if metric == "acc_norm" and all(_value(r, "acc_norm")[0] is None and _value(r, "acc")[0] is not None
+                                    for r in task_results):
+        return "acc" + FALLBACK_MARK
+    return metric
+
+
 def build_table(checkpoints: list[Checkpoint], results: list[dict], tasks: list[str], metric: str = "acc") -> dict:
-    """Rows = tasks (lm-eval's order of names requested) + Average; values are lm-eval's, as fractions."""
+    """Rows = tasks (lm-eval's order of names requested) + Average; values are lm-eval's, as fractions.
+
+    With ``acc_norm``, a task that has none (WinoGrande) shows its ``acc``, marked ``acc*`` with a footnote,
+    and the Average takes it, as the paper's tables do, instead of turning n/a.
+    """
     if metric not in METRICS:
         raise ValueError(f"unknown --metric {metric!r}: use one of {', '.join(METRICS)}")
     labels = [c.label for c in checkpoints]
     rows = []
     for task in tasks:
+        per_ckpt = [res["results"].get(task, {}) for res in results]
+        row_metric = _row_metric(per_ckpt, metric)
         cells = []
-        for res in results:
-            r = res["results"].get(task, {})
-            v, se = _value(r, metric)
+        for r in per_ckpt:
+            v, se = _value(r, row_metric.rstrip(FALLBACK_MARK))
             cells.append({"value": v, "stderr": se})
-        rows.append({"task": task, "metric": metric, "cells": cells})
+        rows.append({"task": task, "metric": row_metric, "cells": cells})
     avg_cells = []
     for i in range(len(checkpoints)):
         vals = [row["cells"][i]["value"] for row in rows]
         avg_cells.append({"value": sum(vals) / len(vals) if vals and None not in vals else None, "stderr": None})
-    rows.append({"task": "Average", "metric": metric, "cells": avg_cells})
+    marked = any(row["metric"].endswith(FALLBACK_MARK) for row in rows)
+    rows.append({"task": "Average", "metric": metric + (FALLBACK_MARK if marked else ""), "cells": avg_cells})
     for row in rows:
         base = row["cells"][0]["value"]
         row["gain"] = [
             (c["value"] - base) if base is not None and c["value"] is not None else None for c in row["cells"][1:]
         ]
-    return {"labels": labels, "checkpoints": [str(c.path) for c in checkpoints], "metric": metric, "rows": rows}
+    footnote = f"{FALLBACK_MARK} acc: the task reports no acc_norm" if marked else None
+    return {"labels": labels, "checkpoints": [str(c.path) for c in checkpoints], "metric": metric, "rows": rows,
+            "footnote": footnote}
 
 
 def _pct(v, se=None) -> str:
@@ -212,6 +263,8 @@ def to_markdown(table: dict) -> str:
     header = _header(table)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(table)]
+    if table.get("footnote"):
+        lines += ["", table["footnote"].replace(FALLBACK_MARK, "\\" + FALLBACK_MARK, 1)]
     return "\n".join(lines) + "\n"
 
 
@@ -222,7 +275,8 @@ def to_text(table: dict) -> str:
     def fmt(r):
         return "  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths, strict=True)))
 
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)]) + "\n"
+    lines = [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)]
+    return "\n".join(lines + ([table["footnote"]] if table.get("footnote") else [])) + "\n"
 
 
 def write_csv(table: dict, path: Path) -> None:
@@ -309,6 +363,7 @@ def run(checkpoints: list[str], tasks=None, include_path=None, limit=None, num_f
         raise ValueError("no checkpoint given: pass one or more checkpoint folders (the first is the baseline)")
     if metric not in METRICS:
         raise ValueError(f"unknown --metric {metric!r}: use one of {', '.join(METRICS)}")
+    check_limit(limit)
     ckpts = [read_checkpoint(c) for c in checkpoints]
     task_names = parse_tasks(tasks)
     if include_path is not None:

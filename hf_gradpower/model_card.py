@@ -132,11 +132,14 @@ Metrics per logged step: `metrics.json`, `metrics.csv`. Run facts: `{RUN_INFO_FI
 
 
 def label_of(info: dict) -> str:
-    """Paper-style optimizer label: ``AdamW``, ``AdamPower(p=1.2)``, ``MuonPower(p=1.2)``, ``SGDPower(p=1.5)``."""
+    """Paper-style optimizer label: ``AdamW``, ``AdamPower(p=1.2)``, ``MuonPower(p=1.2)``, ``SGDPower(p=1.5)``.
+
+    ``gradpower_p`` is recorded only for runs whose optimizer applied GradPower, so it alone decides the suffix.
+    """
     names = {"adamw": "AdamW", "adampower": "AdamPower", "muon": "Muon", "muonpower": "MuonPower"}
     optim = str(info.get("optim", "?"))
     label = names.get(optim, optim)
-    p = info.get("gradpower_p")
-    if optim.endswith("power") and p is not None:
+    p = info.get("gradpower_p")  # recorded only for runs that used GradPower
+    if p is not None:
         label = f"{label}(p={p:g})" if isinstance(p, (int, float)) else f"{label}(p={p})"
     return label

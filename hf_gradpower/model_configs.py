@@ -1,17 +1,15 @@
 """Model configurations of the GradPower paper (arXiv 2505.24275, Appendix A, Tables 1-2).
 
-The configurations are plain Hugging Face ``config.json`` files under ``configs/models/`` at the
-repository root (beside the ``hf_gradpower/`` package). They load with
+The configurations are plain Hugging Face ``config.json`` files shipped inside the package
+(``hf_gradpower/resources/model_configs/``, written by ``configs/make_model_configs.py``). They load with
 ``LlamaConfig.from_json_file`` / ``Qwen2MoeConfig.from_json_file`` / ``AutoConfig.from_pretrained(path)``
 or with :func:`load_model_config` below. Each file carries two extra top-level keys, ``_comment`` and
 ``_gradpower`` (the paper row, the reading chosen, ``lr_max``, dataset, stated and computed parameter
 counts). ``PretrainedConfig`` keeps unknown keys as plain attributes and writes them back on
 ``save_pretrained``, so they are harmless to ``transformers``.
 
-Locating the files: ``Path(__file__).parent.parent / "configs" / "models"``, which works for the
-(intended) editable install ``pip install -e .`` and for running from the repository. For a
-non-editable install, point ``HF_GRADPOWER_MODEL_CONFIGS`` at the ``configs/models`` folder, or pass
-a path to a JSON file.
+They load by name from any install (editable or wheel); ``HF_GRADPOWER_MODEL_CONFIGS`` points the
+names at another folder, and any path to a JSON file works too.
 
 Readings of the paper's tables
 ------------------------------
@@ -80,6 +78,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -93,9 +92,13 @@ __all__ = [
     "validate_model_config",
 ]
 
-#: ``configs/models`` at the repository root (valid for an editable install / a source checkout).
-MODEL_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+#: The named configs, shipped inside the package.
+MODEL_CONFIGS_DIR = Path(__file__).resolve().parent / "resources" / "model_configs"
 _ENV_VAR = "HF_GRADPOWER_MODEL_CONFIGS"
+#: Sizes, counts and depths that must be positive integers wherever a config has them.
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "moe_intermediate_size",
+               "shared_expert_intermediate_size", "num_experts", "num_local_experts", "num_experts_per_tok")
 
 
 def model_configs_dir() -> Path:
@@ -164,7 +167,11 @@ def load_model_config(name_or_path: str | os.PathLike, **overrides: Any) -> Pret
             data.pop("layer_types", None)
         if {"hidden_size", "num_attention_heads"} & set(overrides) and "head_dim" not in overrides:
             data.pop("head_dim", None)
-    return config_class.from_dict(data)
+    try:
+        return config_class.from_dict(data)
+    except (TypeError, ValueError, StrictDataclassError) as exc:  # transformers 5 configs check field types
+        reason = " ".join(str(exc).split())
+        raise ValueError(f"Model config {path} is not a valid {config_class.__name__} ({reason}); fix the file.") from None
 
 
 def get_num_experts(config: PretrainedConfig) -> tuple[int, int]:
@@ -223,9 +230,15 @@ def count_parameters(config: PretrainedConfig) -> dict[str, int]:
 def validate_model_config(config: PretrainedConfig, seq_len: int | None = None) -> None:
     """Raise ``ValueError`` (one line: the problem and the fix) for an unusable config.
 
-    Checks: ``seq_len <= max_position_embeddings``; ``hidden_size % num_attention_heads == 0``;
+    Checks: every size, count and depth the config has (``SIZE_FIELDS``) is a positive integer (a
+    ``num_hidden_layers`` of -2 would otherwise build a 0-layer model that trains without error);
+    ``seq_len <= max_position_embeddings``; ``hidden_size % num_attention_heads == 0``;
     ``num_attention_heads % num_key_value_heads == 0``; for MoE ``num_experts_per_tok <= num_experts``.
     """
+    for name in SIZE_FIELDS:
+        value = getattr(config, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"model config has {name}={value!r}; it must be a positive integer: fix the config JSON.")
     max_pos = getattr(config, "max_position_embeddings", None)
     if seq_len is not None and max_pos is not None and seq_len > max_pos:
         raise ValueError(

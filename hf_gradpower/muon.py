@@ -15,14 +15,32 @@ is orthogonalised on its own, and a group with ``ns_split=2`` also splits each e
 its gate and up halves first, so every orthogonalised matrix is one linear map of the model.
 2-D matrices go through torch's own Newton-Schulz and are bit-identical to ``torch.optim.Muon``;
 stacks of matrices go through a batched copy of the same iteration.
+
+Sharded parameters: FSDP2 ``DTensor`` shards keep momentum, weight decay and the update on each rank;
+Newton-Schulz runs per owner rank (:mod:`hf_gradpower.muon_sharded`), bit-identical to one process.
+``distribute_ns=True`` splits Newton-Schulz across DDP ranks the same way. FSDP1/ZeRO flat parameters
+are refused.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+import torch.distributed as dist
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr, _zeropower_via_newtonschulz
 
+from hf_gradpower import accel
 from hf_gradpower.adamw_step import adamw_group_step
+from hf_gradpower.attach import GROUP_KEY, is_attached
+from hf_gradpower.muon_sharded import (
+    MatrixJob,
+    NewtonSchulzStats,
+    check_shardable,
+    is_dtensor,
+    orthogonalise_replicated,
+    orthogonalise_sharded,
+)
 
 MUON_DEFAULTS = {
     "use_muon": False,
@@ -63,6 +81,7 @@ class MuonAdamW(torch.optim.AdamW):
         adjust_lr_fn: str | None = MUON_DEFAULTS["adjust_lr_fn"],
         foreach: bool | None = None,
         fused: bool | None = None,
+        distribute_ns: bool = False,
     ) -> None:
         if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
             raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
@@ -81,6 +100,10 @@ class MuonAdamW(torch.optim.AdamW):
                 group.setdefault(key, value)
             if group["use_muon"]:
                 _check_muon_group(group)
+        # Under DDP (replicated plain tensors), split Newton-Schulz across ranks and all-gather the results.
+        # FSDP2 DTensor parameters always take the owner route (muon_sharded); this flag is not needed there.
+        self.distribute_ns = distribute_ns
+        self.ns_stats = NewtonSchulzStats()
         # GradScaler must unscale for us: the fused AdamW kernel would unscale only the AdamW groups.
         self._step_supports_amp_scaling = False
 
@@ -98,6 +121,13 @@ class MuonAdamW(torch.optim.AdamW):
         if self.param_groups[-1].get("use_muon"):
             _check_muon_group(self.param_groups[-1])
 
+    @property
+    def applies_gradpower_in_step(self) -> bool:
+        """True when GradPower's phi can be fused into a Muon group's momentum (accelerator, p != 1): the
+        global GradPower hook then leaves phi to this step (see :func:`hf_gradpower.accel.take_fused_muon_powers`).
+        Never for a baseline that merely loaded a GradPower checkpoint (not attached): it stays the baseline."""
+        return is_attached(self) and any(accel.fuses_muon_power(g, g.get(GROUP_KEY, 1.0)) for g in self.param_groups)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One step: Muon on the ``use_muon`` groups, AdamW on the rest."""
@@ -105,43 +135,99 @@ class MuonAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        fused_powers = accel.take_fused_muon_powers(self) if self.applies_gradpower_in_step else {}
+        muon_groups = [group for group in self.param_groups if group["use_muon"]]
+        if muon_groups:
+            self._muon_step(muon_groups, fused_powers)
         for group in self.param_groups:
-            if group["use_muon"]:
-                self._muon_group_step(group)
-            else:
+            if not group["use_muon"]:
                 adamw_group_step(self, group)
         return loss
 
-    def _muon_group_step(self, group: dict) -> None:
-        """``torch.optim.Muon``'s update, extended to stacks of matrices (MoE experts)."""
-        lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
-        for param in group["params"]:
-            grad = param.grad
-            if grad is None:
-                continue
-            if grad.is_sparse:
-                raise ValueError("Muon does not support sparse gradients")
-            if grad.ndim != param.ndim or param.ndim not in (2, 3):
-                raise ValueError(
-                    f"Muon got a {param.ndim}-D parameter of shape {tuple(param.shape)}: parameters were "
-                    "flattened or sharded (ZeRO/FSDP). Use adampower/adamw with sharded training."
-                )
-            state = self.state[param]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            buf = state["momentum_buffer"]
-            buf.lerp_(grad, 1 - momentum)
-            update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-            matrices = _as_matrices(update, group["ns_split"])
-            if matrices.ndim == 2:
-                ortho = _zeropower_via_newtonschulz(matrices, group["ns_coefficients"], group["ns_steps"], group["ns_eps"])
-            else:
-                ortho = _zeropower_via_newtonschulz_batched(
-                    matrices, group["ns_coefficients"], group["ns_steps"], group["ns_eps"]
-                )
-            adjusted_lr = _adjust_lr(lr, group["adjust_lr_fn"], matrices.shape[-2:])
-            param.mul_(1 - lr * wd)
-            param.add_(ortho.view(param.shape), alpha=-adjusted_lr)
+    def _muon_step(self, groups: list[dict], fused_powers: dict[int, float] | None = None) -> None:
+        """``torch.optim.Muon``'s update, extended to stacks of matrices (MoE experts) and to sharded parameters.
+
+        Momentum, weight decay and the update run on each rank's own shard; only Newton-Schulz needs whole
+        matrices, and :mod:`hf_gradpower.muon_sharded` brings each one to a single owner rank.
+        ``fused_powers[id(group)] = p``: phi_p(g) fused into that group's momentum update (accelerators).
+        """
+        entries, sharded, replicated = [], {}, []
+        self.ns_stats.orthogonalised_numel = 0
+        distribute = self.distribute_ns and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        for group in groups:
+            orthogonalise = self.ns_stats.counting(partial(
+                orthogonalise_update, split=group["ns_split"], ns_coefficients=group["ns_coefficients"],
+                ns_steps=group["ns_steps"], eps=group["ns_eps"],
+            ))
+            for param in group["params"]:
+                grad = param.grad
+                if grad is None:
+                    continue
+                _check_muon_grad(param, grad)
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                buf, local_grad = _local(state["momentum_buffer"]), _local(grad)
+                fused_power = (fused_powers or {}).get(id(group), 1.0)
+                if fused_power != 1.0:
+                    update = accel.muon_power_momentum_(local_grad, buf, group["momentum"], fused_power,
+                                                        group["nesterov"])  # fmt: skip
+                else:
+                    buf.lerp_(local_grad, 1 - group["momentum"])
+                    update = local_grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                job = MatrixJob(tuple(param.shape), update, orthogonalise)
+                if is_row_sharded_matrix(param):
+                    sharded.setdefault(param.device_mesh.get_group(), []).append(job)
+                elif distribute and not is_dtensor(param):
+                    replicated.append(job)
+                else:  # whole matrices here: plain tensors, replicated DTensors, expert stacks sharded by expert
+                    job.result = orthogonalise(update) if update.numel() else update
+                entries.append((param, group, job))
+        for process_group, jobs in sharded.items():
+            self.ns_stats.bytes_communicated += orthogonalise_sharded(jobs, process_group)
+        self.ns_stats.bytes_communicated += orthogonalise_replicated(replicated)
+        for param, group, job in entries:
+            lr, shape = group["lr"], param.shape
+            adjusted_lr = _adjust_lr(lr, group["adjust_lr_fn"], (shape[-2] // group["ns_split"], shape[-1]))
+            local = _local(param)
+            local.mul_(1 - lr * group["weight_decay"])
+            local.add_(job.result.reshape(local.shape), alpha=-adjusted_lr)
+
+
+def orthogonalise_update(
+    update: torch.Tensor, *, split: int, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float
+) -> torch.Tensor:
+    """Newton-Schulz of each matrix of ``update`` (a 2-D matrix or a [E, rows, cols] stack), same shape, bf16."""
+    matrices = _as_matrices(update, split)
+    if matrices.ndim == 2:
+        ortho = _zeropower_via_newtonschulz(matrices, ns_coefficients, ns_steps, eps)
+    else:
+        ortho = _zeropower_via_newtonschulz_batched(matrices, ns_coefficients, ns_steps, eps)
+    return ortho.reshape(update.shape)  # the transposed (rows < cols) result is not contiguous: no view
+
+
+def is_row_sharded_matrix(param: torch.Tensor) -> bool:
+    """A 2-D DTensor split by rows over more than one rank: its Newton-Schulz needs the other ranks' rows."""
+    if not is_dtensor(param) or param.ndim != 2 or param.device_mesh.size() == 1:
+        return False
+    from torch.distributed.tensor import Shard
+
+    return isinstance(param.placements[0], Shard)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _check_muon_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    if grad.is_sparse:
+        raise ValueError("Muon does not support sparse gradients")
+    if grad.ndim != param.ndim or param.ndim not in (2, 3):
+        raise ValueError(
+            f"Muon got a {param.ndim}-D parameter of shape {tuple(param.shape)}: parameters were flattened "
+            "(ZeRO, FSDP1). Muon needs whole matrices or FSDP2 (fully_shard) DTensor shards: use FSDP2, or adampower."
+        )
+    check_shardable(param)
 
 
 def _as_matrices(t: torch.Tensor, split: int) -> torch.Tensor:
@@ -173,12 +259,12 @@ def _zeropower_via_newtonschulz_batched(
 def _check_muon_group(group: dict) -> None:
     split = group.get("ns_split", 1)
     for param in group["params"]:
-        if type(param).__name__ == "DTensor" or param.ndim not in (2, 3):
+        if param.ndim not in (2, 3):
             raise ValueError(
-                f"Muon needs whole 2-D or 3-D (expert-stacked) parameters, got {type(param).__name__} of shape "
-                f"{tuple(param.shape)}: Muon/MuonPower on FSDP/ZeRO-sharded parameters is not supported; "
-                "use adamw/adampower for sharded training."
+                f"Muon needs 2-D or 3-D (expert-stacked) parameters, got shape {tuple(param.shape)}: parameters "
+                "flattened by FSDP1/ZeRO are not supported; use FSDP2 (fully_shard), or adamw/adampower."
             )
+        check_shardable(param)
         if torch.is_complex(param):
             raise ValueError("Muon does not support complex parameters")
         if param.shape[-2] % split:

@@ -37,6 +37,7 @@ class Recipe:
     lr_min_ratio: float = 0.1
     eval_steps: int = 500
     save_steps: int = 1000
+    max_per_device_batch: int = 32  # default per-device batch: the largest divisor of the per-process share up to this
 
 
 RECIPES: dict[str, Recipe] = {
@@ -48,7 +49,7 @@ RECIPES: dict[str, Recipe] = {
                           global_batch=480, warmup_steps=1000, max_steps=50_000, model_config="llama-0.25b-owt"),
     # Minutes on a laptop CPU: tiny LLaMA on the embedded C4 sample with the embedded 4k tokenizer.
     "tiny": Recipe("tiny", dataset="embedded", tokenizer="embedded", seq_len=128, global_batch=16,
-                   warmup_steps=20, max_steps=300, lr_max=2e-3, eval_steps=50, save_steps=100),
+                   warmup_steps=20, max_steps=300, lr_max=2e-3, eval_steps=50, save_steps=100, max_per_device_batch=16),
 }
 
 
@@ -61,6 +62,19 @@ def get_recipe(name: str) -> Recipe:
 def steps_for_tokens(n_params: int, tokens_per_param: float, global_batch: int, seq_len: int) -> int:
     """Chinchilla-style length: ``tokens_per_param * n_params`` tokens at ``global_batch * seq_len`` a step."""
     return math.ceil(tokens_per_param * n_params / (global_batch * seq_len))
+
+
+def default_per_device_batch(global_batch: int, num_processes: int, cap: int) -> int:
+    """The largest per-device batch <= ``cap`` that divides each process's share of ``global_batch``.
+
+    So the default always splits: 16 sequences over 2 processes -> 8 each (no accumulation); the C4
+    recipe's 512 over 8 GPUs -> 32 each with accumulation 2; OpenWebText's 480 over 8 -> 30, accumulation 2.
+    """
+    if global_batch % num_processes:
+        raise ValueError(f"global batch {global_batch} does not split over {num_processes} processes; pass a "
+                         f"--global_batch_size that is a multiple of {num_processes}")
+    share = global_batch // num_processes
+    return max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
 
 
 def gradient_accumulation_steps(global_batch: int, per_device_batch: int, num_processes: int) -> int:

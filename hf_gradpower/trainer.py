@@ -22,17 +22,15 @@ Order (``gradpower_order``):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
 from hf_gradpower.attach import GROUP_KEY, _unwrap, apply_now
-from hf_gradpower.model_card import RUN_INFO_FILE
+from hf_gradpower.checkpoints import resolve_resume
 from hf_gradpower.noise import GradientNoiseMeter, adam_snr
 from hf_gradpower.optimizers import available_optimizers, build_optimizer, resolve_name
 from hf_gradpower.p_schedule import (
@@ -158,17 +156,14 @@ class GradPowerTrainer(Trainer):
         return super().log(logs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """``Trainer.train``, except that ``resume_from_checkpoint=True`` skips a half-written checkpoint.
+        """``Trainer.train``, except that ``resume_from_checkpoint=True`` skips an unreadable checkpoint.
 
         Trainer writes checkpoints in place, so a process killed while saving leaves a newest folder that
-        Trainer's own ``True`` would pick and fail on (or half-load); the newest complete one is used instead.
+        Trainer's own ``True`` would pick and fail on (or half-load); the newest readable one is used instead
+        (``checkpoints.resolve_resume``).
         """
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(
-                    f"resume_from_checkpoint=True: no complete checkpoint-* folder in {self.args.output_dir}"
-                )
+            resume_from_checkpoint = resolve_resume(True, self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _uses_gradpower_optim(self) -> bool:
@@ -192,11 +187,18 @@ class GradPowerTrainer(Trainer):
                     "DeepSpeed clips gradients inside its engine, so GradPower cannot run before clipping; "
                     "pass --gradpower_order after_clip."
                 )
-        if base == "muon" and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+        if base == "muon" and (self.is_deepspeed_enabled or 1 in self._fsdp_versions()):
             raise ValueError(
-                f"{self.args.optim} on FSDP/ZeRO-sharded parameters is not supported (Muon needs whole matrices); "
-                "use adampower, or plain DDP."
+                f"{self.args.optim} cannot run on parameters flattened by DeepSpeed ZeRO or FSDP1 (Muon needs whole "
+                "matrices); use FSDP2 (fsdp_config version 2, the default; Newton-Schulz runs per owner rank), or DDP."
             )
+
+    def _fsdp_versions(self) -> set:
+        """FSDP versions requested by the arguments or set up by Accelerate (empty without FSDP)."""
+        versions = {(getattr(self.args, "fsdp_plugin_args", None) or {}).get("fsdp_version")}
+        if self.is_fsdp_enabled:
+            versions.add(getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1))
+        return versions - {None}
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None or not self._uses_gradpower_optim():
@@ -225,12 +227,6 @@ class GradPowerTrainer(Trainer):
         if getattr(self.args, "gradpower_order", "after_clip") == "before_clip":
             apply_now(self.optimizer, grad_scale=self._pending_loss_scale())
         return super()._clip_grad_norm(model)
-
-    def create_model_card(self, *args, **kwargs):
-        """Keep the run's own card (written by ``model_card.write_model_card``) when pushing to the Hub."""
-        if (Path(self.args.output_dir) / RUN_INFO_FILE).exists():
-            return None
-        return super().create_model_card(*args, **kwargs)
 
     def _pending_loss_scale(self):
         """The fp16 loss scale the gradients still carry at clipping time, or None."""
@@ -372,23 +368,3 @@ def _literal(value: str):
         except ValueError:
             pass
     return {"true": True, "false": False, "none": None}.get(value.lower(), value)
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest checkpoint that was fully written.
-
-    Trainer writes a checkpoint in place, ``trainer_state.json`` last; a process killed mid-save leaves a
-    folder without it (or with it truncated). Such folders are skipped, so a restart never trips on them.
-    """
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    for ckpt in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        try:
-            json.loads((ckpt / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            logger.warning("skipping incomplete checkpoint %s (interrupted while saving)", ckpt)
-            continue
-        return str(ckpt)
-    return None

@@ -18,7 +18,8 @@ from collections.abc import Iterable
 
 import torch
 
-from hf_gradpower._kernels import sign_power_
+from hf_gradpower import accel
+from hf_gradpower._kernels import sign_power_, sign_power_cpu_many_
 
 DEFAULT_POWER = 1.2
 
@@ -49,14 +50,22 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def sign_power_tensor_(g: torch.Tensor, p: float) -> torch.Tensor:
-    """In place ``g <- sign(g) * |g|^p`` for one dense floating tensor; returns ``g``."""
+def _checked_local(g: torch.Tensor) -> torch.Tensor:
+    """The tensor phi works on (a DTensor's local shard), after one clear error for unusable gradients."""
     if g.is_sparse:
         raise ValueError("gradpower does not support sparse gradients; use dense gradients (e.g. sparse=False).")
     if not g.is_floating_point():
         raise ValueError(f"gradpower needs floating-point gradients, got dtype {g.dtype}.")
-    local = _local(g)
+    return _local(g)
+
+
+def sign_power_tensor_(g: torch.Tensor, p: float) -> torch.Tensor:
+    """In place ``g <- sign(g) * |g|^p`` for one dense floating tensor; returns ``g``."""
+    local = _checked_local(g)
     if local.numel() == 0:
+        return g
+    if accel.takes_triton_path(local):  # accelerators: one fp32 pass in a Triton kernel
+        accel.sign_power_tensors_([local], p)
         return g
     if local.dtype in _LOW_PRECISION:
         work = local.float()
@@ -80,15 +89,22 @@ def power_(
     p = validate_power(p)
     if p == 1.0:
         return
+    on_accelerator, others = [], []  # local tensors (DTensor shards unwrapped), split by where phi runs
     for g in grads:
-        if g is None:
-            continue
+        if g is not None:
+            local = _checked_local(g)
+            (on_accelerator if accel.takes_triton_path(local) else others).append(local)
+    if on_accelerator:  # one multi-tensor launch, the loss scale folded into the kernel
+        accel.sign_power_tensors_(on_accelerator, p, grad_scale=grad_scale)
+    if grad_scale is None:  # CPU float32 gradients: one C kernel call for all of them
+        others = sign_power_cpu_many_(others, p)
+    for g in others:
         if grad_scale is None:
             sign_power_tensor_(g, p)
         else:
-            _local(g).div_(grad_scale)
+            g.div_(grad_scale)
             sign_power_tensor_(g, p)
-            _local(g).mul_(grad_scale)
+            g.mul_(grad_scale)
 
 
 def sign_power(g: torch.Tensor, p: float) -> torch.Tensor:

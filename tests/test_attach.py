@@ -159,7 +159,7 @@ def test_power_survives_state_dict_deepcopy_and_pickle():
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
 
-    fresh = gp.build_optimizer(model, "adamw", lr=1e-3)  # re-created without GradPower
+    fresh = gp.build_optimizer(model, "adampower", lr=1e-3)  # re-created with the default p
     fresh.load_state_dict(torch.load(buffer))
     assert gp.gradpower_p(fresh) == 1.3
     assert gp.gradpower_p(copy.deepcopy(opt)) == 1.3
@@ -174,6 +174,37 @@ def test_deepcopied_optimizer_still_applies_power():
     losses = run_steps(model, opt, steps=5)
     assert run_steps(twin, twin_opt, steps=5) == losses
     assert run_steps(bare, torch.optim.AdamW(bare.parameters(), lr=3e-3), steps=5) != losses
+
+
+@pytest.mark.parametrize("base", ["adamw", "muon"])
+def test_a_baseline_loading_a_gradpower_checkpoint_stays_the_baseline(base, caplog):
+    powered_model = tiny_llama()
+    powered = gp.build_optimizer(powered_model, base + "power", lr=3e-3, p=1.3)
+    run_steps(powered_model, powered, steps=2)
+    checkpoint = copy.deepcopy(powered.state_dict())
+    assert all(g["gradpower_p"] == 1.3 for g in checkpoint["param_groups"])
+
+    def resumed(strip: bool):
+        model = copy.deepcopy(powered_model)
+        opt = gp.build_optimizer(model, base, lr=3e-3)  # the user built a baseline
+        state = copy.deepcopy(checkpoint)
+        if strip:
+            for group in state["param_groups"]:
+                del group["gradpower_p"]
+        opt.load_state_dict(state)
+        return model, opt
+
+    model, opt = resumed(strip=False)
+    assert gp.gradpower_p(opt) is None and not gp.is_attached(opt)
+    with caplog.at_level("WARNING", logger="hf_gradpower.attach"):
+        losses = run_steps(model, opt, steps=3)
+    warnings = [r.getMessage() for r in caplog.records if "stays the baseline" in r.getMessage()]
+    assert len(warnings) == 1 and "p=1.3" in warnings[0] and "attach" in warnings[0]
+    assert all("gradpower_p" not in g for g in opt.state_dict()["param_groups"])  # its own checkpoints are clean
+    reference_model, reference = resumed(strip=True)
+    assert run_steps(reference_model, reference, steps=3) == losses
+    for a, b in zip(model.parameters(), reference_model.parameters(), strict=True):
+        assert torch.equal(a, b)  # bit-identical to the baseline: phi never ran
 
 
 def test_attached_p_is_kept_when_loading_a_plain_checkpoint():

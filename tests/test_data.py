@@ -8,7 +8,7 @@ import datasets
 import pytest
 from datasets import Dataset, IterableDataset
 
-from hf_gradpower import data
+from hf_gradpower import data, data_sources
 
 DOCS = ["The cat sat on the mat.", "Packing joins documents with EOS.", "Ünïcode and numbers 12345 too!"]
 
@@ -200,6 +200,10 @@ def _fail_if_loaded(*args, **kwargs):
         (lambda p: _touch(p / "data.csv", "text\nhello\n"), r"unsupported file extension '\.csv'"),
         (lambda p: (p / "emptydir").mkdir() or str(p / "emptydir"), r"contains no"),
         (lambda p: "", r"non-empty string"),
+        (lambda p: _touch_bytes(p / "weights.jsonl", bytes(range(256)) * 64), r"is not UTF-8 text.*binary"),
+        (lambda p: _touch_bytes(p / "latin1.txt", "caf\xe9\n".encode("latin-1")), r"is not UTF-8 text"),
+        (lambda p: _touch(p / "plain.jsonl", "just words\n"), r"first line is not a JSON object"),
+        (lambda p: _touch(p / "fake.parquet", "not parquet"), r"not a Parquet file"),
     ],
 )
 def test_bad_sources_raise_one_clear_error_before_loading(tmp_path, monkeypatch, make, match):
@@ -207,11 +211,16 @@ def test_bad_sources_raise_one_clear_error_before_loading(tmp_path, monkeypatch,
     with pytest.raises(ValueError, match=match) as info:
         data.validate_data_source(source)
     assert "\n" not in str(info.value)
-    monkeypatch.setattr(data, "load_dataset", _fail_if_loaded)
+    monkeypatch.setattr(data_sources, "load_dataset", _fail_if_loaded)
     with pytest.raises(ValueError, match=match):
         data.load_text_dataset(source)
     with pytest.raises(ValueError, match=match):
         data.build_datasets(source, "this-tokenizer-is-never-loaded", 8)
+
+
+def _touch_bytes(path, content: bytes):
+    path.write_bytes(content)
+    return str(path)
 
 
 def _touch(path, content):
@@ -219,11 +228,28 @@ def _touch(path, content):
     return str(path)
 
 
-def test_valid_sources_pass_validation(tmp_path):
-    data.validate_data_source(data.EMBEDDED)
+def test_valid_sources_resolve_to_what_is_loaded(tmp_path):
+    embedded = data.validate_data_source(data.EMBEDDED)
+    assert (embedded.kind, embedded.builder, embedded.files) == ("embedded", "json", (str(data_sources.EMBEDDED_CORPUS),))
     for name in data.HUB_DATASETS:
-        data.validate_data_source(name)  # no network: names are only checked
-    data.validate_data_source(_touch(tmp_path / "ok.txt", "hello"))
+        assert data.validate_data_source(name) == data.DataSource(name, "hub")  # no network: names only
+    ok = _touch(tmp_path / "ok.txt", "hello")
+    (tmp_path / "sub").mkdir()
+    nested = _touch(tmp_path / "sub" / "more.txt", "world")
+    _touch(tmp_path / ".hidden.txt", "skipped")
+    assert data.validate_data_source(ok).files == (ok,)
+    folder = data.validate_data_source(str(tmp_path))
+    assert (folder.kind, folder.builder, folder.files) == ("local", "text", (ok, nested))
+
+
+def test_a_checked_source_is_loaded_as_checked(tmp_path):
+    """The resolved source is loaded as is (no second look at the folder): a file added after the check is
+    not read, while the folder's name, checked again, picks it up."""
+    _touch(tmp_path / "a.txt", "first doc")
+    source = data.validate_data_source(str(tmp_path))
+    _touch(tmp_path / "b.txt", "second doc")
+    assert data.load_text_dataset(source)["text"][:] == ["first doc"]
+    assert data.load_text_dataset(str(tmp_path))["text"][:] == ["first doc", "second doc"]
 
 
 def test_count_tokens_rejects_streaming(tok, tmp_path):

@@ -12,8 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_gradpower import evaluation
 from hf_gradpower.data import load_tokenizer
 
-FIXTURES = Path(__file__).parent / "fixtures" / "lm_eval_tasks"
-TASKS = ["arc_tiny", "hellaswag_tiny", "piqa_tiny"]
+TASKS = list(evaluation.EXAMPLE_TASKS)
 
 
 @pytest.fixture(autouse=True)
@@ -38,15 +37,6 @@ def make_checkpoint(path: Path, seed: int, info: dict | None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def task_dir(tmp_path_factory) -> str:
-    """The fixture YAML templates with the data folder filled in (lm-eval hands data_files to datasets as is)."""
-    d = tmp_path_factory.mktemp("lm_eval_tasks")
-    for tpl in FIXTURES.glob("*.yaml.in"):
-        (d / tpl.name.removesuffix(".in")).write_text(tpl.read_text().replace("@DATA_DIR@", str(FIXTURES)))
-    return str(d)
-
-
-@pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("ckpts")
     return [
@@ -56,18 +46,18 @@ def checkpoints(tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def evaluated(checkpoints, task_dir, tmp_path_factory):
+def evaluated(checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_results")
-    return evaluation.run([str(c) for c in checkpoints], tasks=",".join(TASKS), include_path=task_dir,
+    return evaluation.run([str(c) for c in checkpoints], tasks=",".join(TASKS),
                           batch_size=4, device="cpu", dtype="auto", output_dir=out, quiet=True), out
 
 
-def test_numbers_equal_direct_lm_eval(evaluated, checkpoints, task_dir):
+def test_numbers_equal_direct_lm_eval(evaluated, checkpoints):
     import lm_eval
 
     direct = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={checkpoints[0]},dtype=float32", tasks=TASKS,
-        task_manager=evaluation.task_manager(task_dir), num_fewshot=0, batch_size=4, device="cpu",
+        task_manager=evaluation.task_manager(), num_fewshot=0, batch_size=4, device="cpu",
         log_samples=False,
     )["results"]
     table = evaluated[0]["table"]
@@ -127,7 +117,7 @@ def test_model_card_appended_once_then_replaced(evaluated, checkpoints, tmp_path
     assert text3.startswith("# tiny run") and "loss went down" in text3
 
 
-def test_update_card_and_push_to_hub(checkpoints, task_dir, tmp_path, monkeypatch):
+def test_update_card_and_push_to_hub(checkpoints, tmp_path, monkeypatch):
     import huggingface_hub
 
     calls = []  # only the network call is mocked
@@ -139,7 +129,7 @@ def test_update_card_and_push_to_hub(checkpoints, task_dir, tmp_path, monkeypatc
         for f in c.iterdir():
             (dst / f.name).write_bytes(f.read_bytes())
         ckpts.append(dst)
-    res = evaluation.run([str(c) for c in ckpts], tasks=TASKS, include_path=task_dir, output_dir=tmp_path / "o",
+    res = evaluation.run([str(c) for c in ckpts], tasks=TASKS, output_dir=tmp_path / "o",
                          batch_size=4, device="cpu", push_to_hub=True, hub_model_id="me/base,me/power", quiet=True)
     assert [c["repo_id"] for c in calls] == ["me/base", "me/power"]
     assert all(c["path_in_repo"] == "README.md" for c in calls)
@@ -160,22 +150,22 @@ def no_model(monkeypatch):
     monkeypatch.setattr(lm_eval, "simple_evaluate", boom)
 
 
-def test_bad_inputs_fail_before_loading(no_model, checkpoints, task_dir, tmp_path, monkeypatch):
+def test_bad_inputs_fail_before_loading(no_model, checkpoints, tmp_path, monkeypatch):
     ok = str(checkpoints[0])
     with pytest.raises(ValueError, match="does not exist"):
-        evaluation.run([str(tmp_path / "nope")], tasks=TASKS, include_path=task_dir)
+        evaluation.run([str(tmp_path / "nope")], tasks=TASKS)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="not a model checkpoint"):
-        evaluation.run([str(tmp_path / "empty")], tasks=TASKS, include_path=task_dir)
+        evaluation.run([str(tmp_path / "empty")], tasks=TASKS)
     with pytest.raises(ValueError, match="unknown lm-eval task.*arc_tinyy.*--include_path"):
-        evaluation.run([ok], tasks="arc_tinyy", include_path=task_dir)
+        evaluation.run([ok], tasks="arc_tinyy")
     with pytest.raises(ValueError, match="--include_path"):
         evaluation.run([ok], tasks=TASKS, include_path=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="hub_model_id"):
-        evaluation.run([ok], tasks=TASKS, include_path=task_dir, push_to_hub=True)
+        evaluation.run([ok], tasks=TASKS, push_to_hub=True)
     with pytest.raises(ValueError, match="--metric"):
-        evaluation.run([ok], tasks=TASKS, include_path=task_dir, metric="f1")
+        evaluation.run([ok], tasks=TASKS, metric="f1")
     # offline and the Hub dataset of arc_easy not in (an empty) cache
     import datasets.config
     import huggingface_hub.constants
@@ -183,7 +173,7 @@ def test_bad_inputs_fail_before_loading(no_model, checkpoints, task_dir, tmp_pat
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "ds")
     with pytest.raises(ValueError, match="allenai/ai2_arc.*not in the local"):
-        evaluation.run([ok], tasks="arc_challenge", include_path=task_dir)
+        evaluation.run([ok], tasks="arc_challenge")
 
 
 def test_cli_reports_error(no_model, tmp_path, capsys):
@@ -194,7 +184,7 @@ def test_cli_reports_error(no_model, tmp_path, capsys):
     assert err.startswith("run_eval.py: error: checkpoint folder") and err.count("\n") == 1
 
 
-def test_two_processes_with_accelerate_launch_give_the_same_table(evaluated, checkpoints, task_dir, tmp_path):
+def test_two_processes_with_accelerate_launch_give_the_same_table(evaluated, checkpoints, tmp_path):
     """lm-eval's data-parallel mode: `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU)."""
     import subprocess
     import sys
@@ -203,7 +193,7 @@ def test_two_processes_with_accelerate_launch_give_the_same_table(evaluated, che
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518",
            str(repo / "run_eval.py"), str(checkpoints[0]), str(checkpoints[1]), "--tasks", ",".join(TASKS),
-           "--include_path", task_dir, "--batch_size", "4", "--device", "cpu", "--output_dir", str(tmp_path)]
+           "--batch_size", "4", "--device", "cpu", "--output_dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "zero_shot.json").read_text())
@@ -211,14 +201,59 @@ def test_two_processes_with_accelerate_launch_give_the_same_table(evaluated, che
     assert two == one
 
 
-def test_limit_passes_through_to_lm_eval(checkpoints, task_dir, tmp_path):
+def test_limit_passes_through_to_lm_eval(checkpoints, tmp_path):
     import lm_eval
 
-    ours = evaluation.run([str(checkpoints[1])], tasks="arc_tiny", include_path=task_dir, limit=3, batch_size=4,
+    ours = evaluation.run([str(checkpoints[1])], tasks="arc_tiny", limit=3, batch_size=4,
                           device="cpu", output_dir=tmp_path, quiet=True)
     direct = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={checkpoints[1]},dtype=float32", tasks=["arc_tiny"], limit=3,
-        task_manager=evaluation.task_manager(task_dir), batch_size=4, device="cpu", log_samples=False,
+        task_manager=evaluation.task_manager(), batch_size=4, device="cpu", log_samples=False,
     )
     assert direct["n-samples"]["arc_tiny"]["effective"] == 3
     assert ours["table"]["rows"][0]["cells"][0]["value"] == direct["results"]["arc_tiny"]["acc,none"]
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "1.5"])
+def test_cli_bad_limit_is_one_line_before_any_model(no_model, checkpoints, capsys, limit):
+    import run_eval
+
+    assert run_eval.main([str(checkpoints[0]), "--tasks", "arc_tiny", "--limit", limit]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"run_eval.py: error: --limit {float(limit):g}:") and "positive number" in err
+    assert err.count("\n") == 1
+
+
+def test_cli_argparse_errors_are_one_line(capsys):
+    import run_eval
+
+    with pytest.raises(SystemExit) as exit_:
+        run_eval.main(["ckpt", "--limit", "many"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("run_eval.py: error: argument --limit") and err.count("\n") == 1
+
+
+def _lm_eval_results(per_task: dict[str, dict[str, float]]) -> dict:
+    """lm-eval's results layout ({"results": {task: {"acc,none": v, "acc_stderr,none": se}}}) for given numbers."""
+    return {"results": {task: {f"{k},none": v for k, v in metrics.items()} for task, metrics in per_task.items()}}
+
+
+def test_acc_norm_falls_back_to_acc_where_a_task_has_none(checkpoints):
+    ckpts = [evaluation.read_checkpoint(c) for c in checkpoints]
+    results = [
+        _lm_eval_results({"hellaswag": {"acc": 0.30, "acc_norm": 0.40, "acc_norm_stderr": 0.01},
+                          "winogrande": {"acc": 0.50, "acc_stderr": 0.02}}),
+        _lm_eval_results({"hellaswag": {"acc": 0.31, "acc_norm": 0.44, "acc_norm_stderr": 0.01},
+                          "winogrande": {"acc": 0.54, "acc_stderr": 0.02}}),
+    ]
+    table = evaluation.build_table(ckpts, results, ["hellaswag", "winogrande"], metric="acc_norm")
+    hella, wino, avg = table["rows"]
+    assert (hella["metric"], wino["metric"], avg["metric"]) == ("acc_norm", "acc*", "acc_norm*")
+    assert [c["value"] for c in wino["cells"]] == [0.50, 0.54] and wino["cells"][0]["stderr"] == 0.02
+    assert [c["value"] for c in avg["cells"]] == pytest.approx([(0.40 + 0.50) / 2, (0.44 + 0.54) / 2])
+    assert avg["gain"][0] == pytest.approx(0.04)
+    text = evaluation.to_text(table)
+    assert text.rstrip().endswith("* acc: the task reports no acc_norm") and "n/a" not in text
+    assert "\\* acc: the task reports no acc_norm" in evaluation.to_markdown(table)
+    plain = evaluation.build_table(ckpts, results, ["hellaswag", "winogrande"], metric="acc")
+    assert plain["footnote"] is None and [r["metric"] for r in plain["rows"]] == ["acc", "acc", "acc"]

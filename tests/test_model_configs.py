@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +152,32 @@ def test_heads_do_not_divide_hidden():
     config.num_key_value_heads = 3
     with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
         validate_model_config(config)
+
+
+@pytest.mark.parametrize("field, value", [("num_hidden_layers", -2), ("num_hidden_layers", 0), ("hidden_size", 0),
+                                          ("num_attention_heads", -4), ("intermediate_size", -1), ("vocab_size", 0),
+                                          ("num_key_value_heads", 2.5)])
+def test_impossible_sizes_are_refused(tmp_path, field, value):
+    """Written into a config JSON, as a user would: refused by loading (types) or by validation (values)."""
+    data = json.loads((MODEL_CONFIGS_DIR / "llama-tiny.json").read_text())
+    data[field] = value
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=field) as err:
+        validate_model_config(load_model_config(str(path)))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("field", ["num_experts", "moe_intermediate_size", "num_experts_per_tok"])
+def test_impossible_moe_sizes_are_refused(field):
+    config = load_model_config("qwen2moe-tiny")
+    setattr(config, field, 0)
+    with pytest.raises(ValueError, match=f"{field}=0.*positive integer"):
+        validate_model_config(config)
+
+
+def test_named_configs_ship_inside_the_package():
+    import hf_gradpower
+
+    assert MODEL_CONFIGS_DIR.parent.parent == Path(hf_gradpower.__file__).parent
+    assert {p.stem for p in MODEL_CONFIGS_DIR.glob("*.json")} == set(PAPER) | set(TINY)

@@ -10,6 +10,7 @@ from transformers import get_scheduler
 
 from hf_gradpower.recipes import (
     RECIPES,
+    default_per_device_batch,
     get_recipe,
     gradient_accumulation_steps,
     schedule_arguments,
@@ -76,3 +77,17 @@ def test_bad_recipe_and_schedule_names():
         schedule_arguments("linear", 100, 10)
     with pytest.raises(ValueError, match="warm-up"):
         schedule_arguments("cos", 100, 100)
+
+
+@pytest.mark.parametrize("recipe, processes, want", [("tiny", 1, 16), ("tiny", 2, 8), ("tiny", 3, None),
+                                                     ("c4", 8, 32), ("openwebtext", 8, 30), ("openwebtext", 1, 32)])
+def test_default_per_device_batch_always_splits_the_global_batch(recipe, processes, want):
+    r = RECIPES[recipe]
+    if want is None:
+        with pytest.raises(ValueError, match="multiple of 3"):
+            default_per_device_batch(r.global_batch, processes, r.max_per_device_batch)
+        return
+    per_device = default_per_device_batch(r.global_batch, processes, r.max_per_device_batch)
+    assert per_device == want
+    accumulation = gradient_accumulation_steps(r.global_batch, per_device, processes)
+    assert per_device * processes * accumulation == r.global_batch

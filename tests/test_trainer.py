@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -57,6 +58,29 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_losses(tmp_path):
     resumed_losses = [h["loss"] for h in resumed.state.log_history if "loss" in h and h["step"] > 5]
     assert resumed_losses == pytest.approx(full_losses[5:], rel=1e-6, abs=0)
     assert gp.gradpower_p(resumed.optimizer) == 1.3  # p came back from the checkpoint
+
+
+def test_adamw_run_resumed_from_an_adampower_checkpoint_stays_adamw(tmp_path):
+    kw = dict(max_steps=8, logging_steps=1, save_strategy="steps", save_steps=4, max_grad_norm=0.5)
+    GradPowerTrainer(model=tiny_llama(), args=make_args(tmp_path, optim="adampower", **kw), train_dataset=dataset()).train()
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=False)
+    assert {g["gradpower_p"] for g in saved["param_groups"]} == {1.2}
+    stripped = tmp_path / "stripped"
+    shutil.copytree(checkpoint, stripped)
+    for group in saved["param_groups"]:
+        del group["gradpower_p"]
+    torch.save(saved, stripped / "optimizer.pt")
+
+    def resumed_losses(name, start):
+        trainer = GradPowerTrainer(model=tiny_llama(seed=1), args=make_args(tmp_path / name, optim="adamw", **kw),
+                                   train_dataset=dataset())
+        trainer.train(resume_from_checkpoint=str(start))
+        assert gp.gradpower_p(trainer.optimizer) is None
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h and h["step"] > 4]
+
+    # phi would change every update after the resume; the baseline must equal a resume that never saw p
+    assert resumed_losses("a", checkpoint) == resumed_losses("b", stripped)
 
 
 @pytest.mark.parametrize("order", ["before_clip", "after_clip"])
@@ -157,8 +181,8 @@ def test_bad_arguments_are_refused(tmp_path, kw, match):
         GradPowerTrainingArguments(output_dir=str(tmp_path), **kw)
 
 
-def test_deepspeed_optimizer_block_and_sharded_muon_are_refused(tmp_path):
-    """DeepSpeed/FSDP cannot run on this CPU machine: we set the flags Trainer derives from them."""
+def test_deepspeed_optimizer_block_and_zero_muon_are_refused(tmp_path):
+    """DeepSpeed needs a GPU here (Accelerate selects it only off CPU): we set the flag Trainer derives from it."""
     trainer = GradPowerTrainer(model=tiny_llama(), args=make_args(tmp_path), train_dataset=dataset())
     trainer.is_deepspeed_enabled = True
     trainer.args.hf_deepspeed_config = SimpleNamespace(config={"optimizer": {"type": "AdamW"}})
@@ -170,8 +194,17 @@ def test_deepspeed_optimizer_block_and_sharded_muon_are_refused(tmp_path):
     trainer.args.gradpower_order = "after_clip"
     trainer._check_gradpower_setup()  # ZeRO + adampower after clipping is allowed
     trainer.args.optim = "muonpower"
-    with pytest.raises(ValueError, match="FSDP/ZeRO"):
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO or FSDP1.*use FSDP2"):
         trainer._check_gradpower_setup()
-    trainer.is_deepspeed_enabled, trainer.is_fsdp_enabled = False, True
-    with pytest.raises(ValueError, match="FSDP/ZeRO"):
+
+
+def test_muon_is_refused_with_fsdp1_and_accepted_with_fsdp2(tmp_path):
+    """Accelerate builds its FSDP plugin only with a GPU, so a CPU Trainer cannot take FSDP arguments: we set the
+    plugin arguments TrainingArguments derives from ``fsdp_config``. The FSDP2 runs themselves are torch-level
+    (test_sharded.py; README "Sharded training")."""
+    trainer = GradPowerTrainer(model=tiny_llama(), args=make_args(tmp_path, optim="muonpower"), train_dataset=dataset())
+    trainer.args.fsdp_plugin_args = {"fsdp_version": 1}
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO or FSDP1.*use FSDP2"):
         trainer._check_gradpower_setup()
+    trainer.args.fsdp_plugin_args = {"fsdp_version": 2}
+    trainer._check_gradpower_setup()

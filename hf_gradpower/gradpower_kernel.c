@@ -1,0 +1,366 @@
+/* GradPower CPU kernels: phi_p(x) = sign(x) |x|^p in place, and one AdamW step on phi_p(g) that reads each
+   gradient once. Built at first use by hf_gradpower/_cpu_kernel.py (no torch headers, plain C99 + OpenMP).
+
+   One of three implementations is compiled, chosen by what the compiler targets:
+     GP_IMPL 2  AVX-512F/DQ (x86-64-v4): p-form 2^(p e + p log2 m), getexp/getmant, 32-entry in-register
+                table (a float pair) + quartic for log2 m, scalef.     ~32 vector ops per 16 floats
+     GP_IMPL 3  AVX2 + FMA (x86-64-v3): q-form |x| 2^(q e + q log2 m), q = p - 1, exponent and mantissa by
+                integer ops, polynomials only (no gathers: they are slow on AMD).  ~39 vector ops per 8 floats
+     GP_IMPL 1  portable C (ARM NEON, other ISAs, or -DGP_PORTABLE): the same q-form per element, written so
+                that the compiler auto-vectorises it (no libm calls in the loop).
+   k[0..2] = (qh, ql, qf): q = p - 1 split so that qh * e is exact; k[3..5] = (ph, pl, pf): the same split of p.
+   k[6], k[7]: the AVX2 fast path's input window [k6, k7) = [2^-E, 2^(E+1)) (see _window in _cpu_kernel.py). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && !defined(GP_PORTABLE) && !defined(GP_AVX2)
+#define GP_IMPL 2
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(GP_PORTABLE)
+#define GP_IMPL 3
+#else
+#define GP_IMPL 1
+#endif
+
+#if GP_IMPL != 1
+#include <immintrin.h>
+#endif
+
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+/* round to nearest for |v| < 2^22 without SSE4.1 roundps; fmaf only where the hardware has FMA */
+static inline float rnd(float v) { return (v + 12582912.0f) - 12582912.0f; }
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define GP_FMA(a, b, c) fmaf(a, b, c)
+#else
+#define GP_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
+/* log2(1 + t), t in [sqrt(.5) - 1, sqrt(2) - 1): least-squares fit, abs. error 4e-9 */
+#define GP_L1 1.4426948569633933f
+#define GP_L2 -0.7213473797342324f
+#define GP_L3 0.4809233950618538f
+#define GP_L4 -0.3607061473839342f
+#define GP_L5 0.2876271062024314f
+#define GP_L6 -0.2387847038669843f
+#define GP_L7 0.21787121693052805f
+#define GP_L8 -0.20885216242562984f
+#define GP_L9 0.1225040321092694f
+/* 2^f, f in [-0.5, 0.5]: rel. error 2e-9 */
+#define GP_E0 0.9999999999595286f
+#define GP_E1 0.6931472067218104f
+#define GP_E2 0.24022651213786558f
+#define GP_E3 0.055503271903370205f
+#define GP_E4 0.009618025577416789f
+#define GP_E5 0.0013400441714101908f
+#define GP_E6 0.00015469740156558607f
+
+/* phi_p of one float, q-form: |x|^p = |x| * 2^(q*e + q*log2 m) with m in [sqrt(.5), sqrt(2)). Exact for zero,
+   inf, nan; subnormal inputs and outputs handled. The portable loop and the AVX2 path's rare lanes use it. */
+static inline float gp_phi1(float xi, float qh, float ql, float qf) {
+  uint32_t b = f2u(xi);
+  uint32_t a = b & 0x7fffffffu;
+  int special = (a - 1u) >= 0x7f7fffffu;                /* zero, inf or nan: unchanged */
+  int sub = a < 0x00800000u;
+  float af = u2f(a) * (sub ? 16777216.0f : 1.0f);       /* normalise subnormals */
+  int32_t ab = (int32_t)f2u(af) - 0x3f3504f3;
+  int32_t e = (ab >> 23) - (sub ? 24 : 0);
+  float m = u2f((uint32_t)(ab & 0x007fffff) + 0x3f3504f3u);
+  float t = m - 1.0f;
+  float L = t * (GP_L1 + t * (GP_L2 + t * (GP_L3 + t * (GP_L4 + t * (GP_L5 + t * (GP_L6 + t * (GP_L7
+            + t * (GP_L8 + t * GP_L9))))))));
+  float ef = (float)e;
+  float ph = qh * ef;                                   /* exact */
+  float n1 = rnd(ph);
+  float f = GP_FMA(qf, L, (ph - n1) + ql * ef);
+  float n2 = rnd(f);
+  f = f - n2;
+  float P = GP_E0 + f * (GP_E1 + f * (GP_E2 + f * (GP_E3 + f * (GP_E4 + f * (GP_E5 + f * GP_E6)))));
+  float M = m * P;
+  int32_t E = e + (int32_t)(n1 + n2);
+  E = E < -252 ? -252 : (E > 254 ? 254 : E);
+  int32_t E1 = E >> 1, E2 = E - E1;
+  float r = (M * u2f((uint32_t)(E1 + 127) << 23)) * u2f((uint32_t)(E2 + 127) << 23);
+  float res = u2f(f2u(r) | (b & 0x80000000u));
+  return special ? xi : res;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+#if GP_IMPL == 2
+typedef struct { __m512 inv0, inv1, lg0, lg1, lo0, lo1, ph, pl, pf, one, l1, l2, l3, l4, e[7]; __m512i sgn; } gp_consts;
+
+static void gp_init(gp_consts *c, const float *k) {
+  float tinv[32], tlog[32], tlo[32];
+  for (int i = 0; i < 32; i++) {         /* centres of 32 mantissa cells; log2 of the rounded inverse */
+    double ctr = 1.0 + (i + 0.5) / 32.0;  /* as a float pair: its rounding, times p, would cost 0.7 ulp */
+    tinv[i] = (float)(1.0 / ctr);
+    double lg = -log2((double)tinv[i]);
+    tlog[i] = (float)lg;
+    tlo[i] = (float)(lg - (double)tlog[i]);
+  }
+  c->inv0 = _mm512_loadu_ps(tinv); c->inv1 = _mm512_loadu_ps(tinv + 16);
+  c->lg0 = _mm512_loadu_ps(tlog); c->lg1 = _mm512_loadu_ps(tlog + 16);
+  c->lo0 = _mm512_loadu_ps(tlo); c->lo1 = _mm512_loadu_ps(tlo + 16);
+  c->ph = _mm512_set1_ps(k[3]); c->pl = _mm512_set1_ps(k[4]); c->pf = _mm512_set1_ps(k[5]);
+  c->one = _mm512_set1_ps(1.0f);
+  /* log2(1+r), |r| <= 1/64: Taylor / ln 2 (truncation 3e-10) */
+  c->l1 = _mm512_set1_ps(1.4426950408889634f); c->l2 = _mm512_set1_ps(-0.7213475204444817f);
+  c->l3 = _mm512_set1_ps(0.48089834696298783f); c->l4 = _mm512_set1_ps(-0.36067376022224085f);
+  /* 2^f on [-0.5, 0.5], least squares on Chebyshev nodes, rel. error 1.9e-9 */
+  static const float ec[7] = {1.000000000592169f, 0.6931472056058905f, 0.24022646608042247f,
+                              0.05550328985744751f, 0.009618519562708776f, 0.0013399865143695364f,
+                              0.00015337580963355483f};
+  for (int i = 0; i < 7; i++) c->e[i] = _mm512_set1_ps(ec[i]);
+  c->sgn = _mm512_set1_epi32((int)0x80000000u);
+}
+
+/* phi_p on 16 lanes: |x|^p = 2^(p*e + p*log2 m), |x| = m 2^e; p*e = ph*e (exact) + pl*e. Zero, inf and
+   nan lanes come back unchanged; the sign of x is copied onto |x|^p. */
+static inline __m512 gp_phi16(__m512 v, const gp_consts *c) {
+  __mmask16 ok = _mm512_fpclass_ps_mask(v, 0x9f) ^ (__mmask16)0xffff;
+  __m512 e = _mm512_getexp_ps(v);                                       /* floor(log2|x|), subnormals ok */
+  __m512 m = _mm512_getmant_ps(v, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero); /* |x| / 2^e in [1, 2) */
+  __m512i idx = _mm512_srli_epi32(_mm512_castps_si512(m), 18);           /* low 5 bits: mantissa top */
+  __m512 r = _mm512_fmsub_ps(m, _mm512_permutex2var_ps(c->inv0, idx, c->inv1), c->one);
+  __m512 tlog = _mm512_permutex2var_ps(c->lg0, idx, c->lg1);
+  __m512 poly = _mm512_fmadd_ps(c->l4, r, c->l3);                        /* log2(1 + r) */
+  poly = _mm512_fmadd_ps(poly, r, c->l2);
+  poly = _mm512_mul_ps(_mm512_fmadd_ps(poly, r, c->l1), r);
+  __m512 L = _mm512_add_ps(tlog, poly);                                  /* log2 m, for n and pl (e + L) */
+  __m512 ph = _mm512_mul_ps(c->ph, e);                                   /* exact */
+  __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(c->pf, L, ph), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  /* f = p (e + L) - n, summed so that the large terms cancel first (each rounding is then relative to |f|):
+     (ph e - n) exact, + ph tlog, + ph poly, + pf tlo (tlog's rounding), + pl (e + L) */
+  __m512 f = _mm512_fmadd_ps(c->ph, tlog, _mm512_sub_ps(ph, n));
+  f = _mm512_fmadd_ps(c->ph, poly, f);
+  f = _mm512_fmadd_ps(c->pf, _mm512_permutex2var_ps(c->lo0, idx, c->lo1), f);
+  f = _mm512_fmadd_ps(c->pl, _mm512_add_ps(e, L), f);
+  __m512 P = _mm512_fmadd_ps(c->e[6], f, c->e[5]);
+  for (int i = 4; i >= 0; i--) P = _mm512_fmadd_ps(P, f, c->e[i]);
+  __m512 res = _mm512_scalef_ps(P, n);                                   /* P * 2^n, one rounding */
+  /* ok lanes: res | (x & sign); others keep x */
+  return _mm512_castsi512_ps(_mm512_mask_ternarylogic_epi32(_mm512_castps_si512(v), ok,
+                                                            _mm512_castps_si512(res), c->sgn, 0xEC));
+}
+
+static void kern(float *restrict x, int64_t n, const float *k) {
+  gp_consts c;
+  gp_init(&c, k);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, gp_phi16(_mm512_loadu_ps(x + i), &c));
+  if (i < n) {
+    __mmask16 lm = (__mmask16)((1u << (n - i)) - 1u);
+    _mm512_mask_storeu_ps(x + i, lm, gp_phi16(_mm512_maskz_loadu_ps(lm, x + i), &c));
+  }
+}
+
+/* AdamW on 16 lanes with g <- phi_p(g) in registers (the gradient in memory is left as it is). */
+static inline void gp_adamw16(float *pp, const float *gp, float *mp, float *vp, __mmask16 lm, const gp_consts *c,
+                              __m512 decay, __m512 b1, __m512 omb1, __m512 b2, __m512 omb2, __m512 step,
+                              __m512 ibc2, __m512 eps) {
+  __m512 g = gp_phi16(_mm512_maskz_loadu_ps(lm, gp), c);
+  __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, pp), decay);
+  __m512 m = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lm, mp), b1, _mm512_mul_ps(g, omb1));
+  __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lm, vp), b2, _mm512_mul_ps(_mm512_mul_ps(g, g), omb2));
+  __m512 den = _mm512_fmadd_ps(_mm512_sqrt_ps(v), ibc2, eps);
+  p = _mm512_fnmadd_ps(step, _mm512_div_ps(m, den), p);
+  _mm512_mask_storeu_ps(mp, lm, m);
+  _mm512_mask_storeu_ps(vp, lm, v);
+  _mm512_mask_storeu_ps(pp, lm, p);
+}
+
+static void kern_adamw(float *restrict pp, const float *restrict gp, float *restrict mp, float *restrict vp,
+                       int64_t n, const float *k, const float *h) {
+  gp_consts c;
+  gp_init(&c, k);
+  const __m512 decay = _mm512_set1_ps(h[0]), b1 = _mm512_set1_ps(h[1]), omb1 = _mm512_set1_ps(h[2]),
+               b2 = _mm512_set1_ps(h[3]), omb2 = _mm512_set1_ps(h[4]), step = _mm512_set1_ps(h[5]),
+               ibc2 = _mm512_set1_ps(h[6]), eps = _mm512_set1_ps(h[7]);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    gp_adamw16(pp + i, gp + i, mp + i, vp + i, (__mmask16)0xffff, &c, decay, b1, omb1, b2, omb2, step, ibc2, eps);
+  if (i < n)
+    gp_adamw16(pp + i, gp + i, mp + i, vp + i, (__mmask16)((1u << (n - i)) - 1u), &c, decay, b1, omb1, b2, omb2,
+               step, ibc2, eps);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+#elif GP_IMPL == 3
+typedef struct { __m256 qh, ql, qf, one; __m256i lo, last; float k0, k1, k2; } gp_consts;
+
+static void gp_init(gp_consts *c, const float *k) {
+  c->qh = _mm256_set1_ps(k[0]); c->ql = _mm256_set1_ps(k[1]); c->qf = _mm256_set1_ps(k[2]);
+  c->one = _mm256_set1_ps(1.0f);
+  /* fast lanes: lo <= bits(|x|) < hi, as one signed compare: bits - lo + INT_MIN <= hi - lo - 1 + INT_MIN */
+  uint32_t lo = f2u(k[6]), hi = f2u(k[7]);
+  c->lo = _mm256_set1_epi32((int32_t)(0x80000000u - lo));
+  c->last = _mm256_set1_epi32((int32_t)(hi - lo - 1u + 0x80000000u));
+  c->k0 = k[0]; c->k1 = k[1]; c->k2 = k[2];
+}
+
+/* |x|^p for 8 lanes whose |x| lies in the window: no special values, |n| <= 125 so 2^n and P 2^n are normal. */
+static inline __m256 gp_pow8(__m256 ax, const gp_consts *c) {
+  __m256i ab = _mm256_sub_epi32(_mm256_castps_si256(ax), _mm256_set1_epi32(0x3f3504f3));
+  __m256 ef = _mm256_cvtepi32_ps(_mm256_srai_epi32(ab, 23));
+  __m256 m = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_and_si256(ab, _mm256_set1_epi32(0x007fffff)),
+                                                  _mm256_set1_epi32(0x3f3504f3)));
+  __m256 t = _mm256_sub_ps(m, c->one);
+  __m256 L = _mm256_fmadd_ps(_mm256_set1_ps(GP_L9), t, _mm256_set1_ps(GP_L8));
+  L = _mm256_fmadd_ps(L, t, _mm256_set1_ps(GP_L7));
+  L = _mm256_fmadd_ps(L, t, _mm256_set1_ps(GP_L6));
+  L = _mm256_fmadd_ps(L, t, _mm256_set1_ps(GP_L5));
+  L = _mm256_fmadd_ps(L, t, _mm256_set1_ps(GP_L4));
+  L = _mm256_fmadd_ps(L, t, _mm256_set1_ps(GP_L3));
+  L = _mm256_fmadd_ps(L, t, _mm256_set1_ps(GP_L2));
+  L = _mm256_fmadd_ps(L, t, _mm256_set1_ps(GP_L1));
+  L = _mm256_mul_ps(L, t);                                               /* log2 m */
+  __m256 ph = _mm256_mul_ps(c->qh, ef);                                  /* exact */
+  __m256 n = _mm256_round_ps(_mm256_fmadd_ps(c->qf, L, ph), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  /* q (e + L) - n = (ph - n) + qh L + ql (e + L): large terms cancel first; ph - n exact */
+  __m256 f = _mm256_fmadd_ps(c->ql, _mm256_add_ps(ef, L), _mm256_fmadd_ps(c->qh, L, _mm256_sub_ps(ph, n)));
+  __m256 P = _mm256_fmadd_ps(_mm256_set1_ps(GP_E6), f, _mm256_set1_ps(GP_E5));
+  P = _mm256_fmadd_ps(P, f, _mm256_set1_ps(GP_E4));
+  P = _mm256_fmadd_ps(P, f, _mm256_set1_ps(GP_E3));
+  P = _mm256_fmadd_ps(P, f, _mm256_set1_ps(GP_E2));
+  P = _mm256_fmadd_ps(P, f, _mm256_set1_ps(GP_E1));
+  P = _mm256_fmadd_ps(P, f, _mm256_set1_ps(GP_E0));
+  __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(P, s), ax);                         /* (P 2^n) exact, one rounding */
+}
+
+/* Lanes outside the window (zero, subnormal, inf, nan, or |x| so far from 1 that 2^n would leave the normal
+   range): all-zero-or-window vectors stay vectorised, anything else goes lane by lane through gp_phi1. */
+static __attribute__((noinline)) __m256 gp_phi8_rare(__m256 x, __m256 ax, __m256i bad, const gp_consts *c) {
+  __m256 zero = _mm256_cmp_ps(ax, _mm256_setzero_ps(), _CMP_EQ_OQ);
+  if (_mm256_testc_si256(_mm256_castps_si256(zero), bad)) {    /* every bad lane is +-0 */
+    __m256 res = _mm256_andnot_ps(zero, gp_pow8(ax, c));
+    return _mm256_or_ps(res, _mm256_xor_ps(x, ax));
+  }
+  float buf[8];
+  _mm256_storeu_ps(buf, x);
+  for (int j = 0; j < 8; j++) buf[j] = gp_phi1(buf[j], c->k0, c->k1, c->k2);
+  return _mm256_loadu_ps(buf);
+}
+
+static inline __m256 gp_phi8(__m256 x, const gp_consts *c) {
+  __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  __m256i bad = _mm256_cmpgt_epi32(_mm256_add_epi32(_mm256_castps_si256(ax), c->lo), c->last);
+  if (__builtin_expect(!_mm256_testz_si256(bad, bad), 0)) return gp_phi8_rare(x, ax, bad, c);
+  return _mm256_or_ps(gp_pow8(ax, c), _mm256_xor_ps(x, ax));
+}
+
+static void kern(float *restrict x, int64_t n, const float *k) {
+  gp_consts c;
+  gp_init(&c, k);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, gp_phi8(_mm256_loadu_ps(x + i), &c));
+  for (; i < n; i++) x[i] = gp_phi1(x[i], k[0], k[1], k[2]);
+}
+
+static void kern_adamw(float *restrict pp, const float *restrict gp, float *restrict mp, float *restrict vp,
+                       int64_t n, const float *k, const float *h) {
+  gp_consts c;
+  gp_init(&c, k);
+  const __m256 decay = _mm256_set1_ps(h[0]), b1 = _mm256_set1_ps(h[1]), omb1 = _mm256_set1_ps(h[2]),
+               b2 = _mm256_set1_ps(h[3]), omb2 = _mm256_set1_ps(h[4]), step = _mm256_set1_ps(h[5]),
+               ibc2 = _mm256_set1_ps(h[6]), eps = _mm256_set1_ps(h[7]);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 g = gp_phi8(_mm256_loadu_ps(gp + i), &c);
+    __m256 p = _mm256_mul_ps(_mm256_loadu_ps(pp + i), decay);
+    __m256 m = _mm256_fmadd_ps(_mm256_loadu_ps(mp + i), b1, _mm256_mul_ps(g, omb1));
+    __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(vp + i), b2, _mm256_mul_ps(_mm256_mul_ps(g, g), omb2));
+    __m256 den = _mm256_fmadd_ps(_mm256_sqrt_ps(v), ibc2, eps);
+    p = _mm256_fnmadd_ps(step, _mm256_div_ps(m, den), p);
+    _mm256_storeu_ps(mp + i, m);
+    _mm256_storeu_ps(vp + i, v);
+    _mm256_storeu_ps(pp + i, p);
+  }
+  for (; i < n; i++) {
+    float g = gp_phi1(gp[i], k[0], k[1], k[2]);
+    float m = fmaf(mp[i], h[1], g * h[2]), v = fmaf(vp[i], h[3], (g * g) * h[4]);
+    mp[i] = m;
+    vp[i] = v;
+    pp[i] = fmaf(-h[5], m / fmaf(sqrtf(v), h[6], h[7]), pp[i] * h[0]);
+  }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+#else
+static void kern(float *restrict x, int64_t n, const float *k) {
+  const float qh = k[0], ql = k[1], qf = k[2];
+#pragma omp simd
+  for (int64_t i = 0; i < n; i++) x[i] = gp_phi1(x[i], qh, ql, qf);
+}
+
+static void kern_adamw(float *restrict pp, const float *restrict gp, float *restrict mp, float *restrict vp,
+                       int64_t n, const float *k, const float *h) {
+  const float qh = k[0], ql = k[1], qf = k[2];
+  const float decay = h[0], b1 = h[1], omb1 = h[2], b2 = h[3], omb2 = h[4], step = h[5], ibc2 = h[6], eps = h[7];
+#pragma omp simd
+  for (int64_t i = 0; i < n; i++) {
+    float g = gp_phi1(gp[i], qh, ql, qf);
+    float m = mp[i] * b1 + g * omb1, v = vp[i] * b2 + (g * g) * omb2;
+    mp[i] = m;
+    vp[i] = v;
+    pp[i] = pp[i] * decay - step * (m / (sqrtf(v) * ibc2 + eps));
+  }
+}
+#endif
+
+/* ---------------------------------------------------------------------------------------------------- */
+int gp_impl(void) { return GP_IMPL; }
+
+/* Multi-tensor entries: every tensor is cut into chunks of GP_CHUNK elements and ONE OpenMP region deals the
+   chunks of all tensors to the threads (one call per optimizer step, not one per tensor). */
+#define GP_CHUNK 16384
+
+static int64_t gp_prefix(const int64_t *ns, int count, int64_t *offs, int64_t *total) {
+  int64_t c = 0, t = 0;
+  for (int i = 0; i < count; i++) {
+    offs[i] = c;
+    c += (ns[i] + GP_CHUNK - 1) / GP_CHUNK;
+    t += ns[i];
+  }
+  offs[count] = c;
+  *total = t;
+  return c;
+}
+
+static inline int gp_owner(const int64_t *offs, int count, int64_t chunk) {
+  int lo = 0, hi = count - 1;           /* last i with offs[i] <= chunk (empty tensors own no chunk) */
+  while (lo < hi) {
+    int mid = (lo + hi + 1) / 2;
+    if (offs[mid] <= chunk) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+#define GP_FOR_CHUNKS(BODY)                                                                        \
+  int64_t stack_offs[65], *offs = count < 64 ? stack_offs : (int64_t *)malloc(sizeof(int64_t) * (count + 1)); \
+  if (!offs) return -1;                                                                            \
+  int64_t total, nch = gp_prefix(ns, count, offs, &total);                                         \
+  int nt = (nthreads > 1 && total > 2 * GP_CHUNK) ? nthreads : 1;                                  \
+  (void)nt;                                                                                        \
+  _Pragma("omp parallel for schedule(static) num_threads(nt) if(nt > 1)")                          \
+  for (int64_t c = 0; c < nch; c++) {                                                              \
+    int t = gp_owner(offs, count, c);                                                              \
+    int64_t lo = (c - offs[t]) * GP_CHUNK, len = ns[t] - lo < GP_CHUNK ? ns[t] - lo : GP_CHUNK;    \
+    BODY;                                                                                          \
+  }                                                                                                \
+  if (offs != stack_offs) free(offs);                                                              \
+  return 0;
+
+/* x_i <- phi_p(x_i) for count contiguous float32 arrays. */
+int gp_sign_power_many(float *const *xs, const int64_t *ns, int count, const float *k, int nthreads) {
+  GP_FOR_CHUNKS(kern(xs[t] + lo, len, k))
+}
+
+/* One AdamW step (decoupled weight decay) on phi_p(grad) per tensor, each array read and written once.
+   h + 8 i = (1 - lr*wd, beta1, 1 - beta1, beta2, 1 - beta2, lr / bias_correction1, 1 / sqrt(bias_correction2),
+   eps) for tensor i. */
+int gp_adamw_power_many(float *const *params, float *const *grads, float *const *exp_avgs, float *const *exp_avg_sqs,
+                        const int64_t *ns, int count, const float *k, const float *h, int nthreads) {
+  GP_FOR_CHUNKS(kern_adamw(params[t] + lo, grads[t] + lo, exp_avgs[t] + lo, exp_avg_sqs[t] + lo, len, k, h + 8 * t))
+}

@@ -1,0 +1,278 @@
+"""The accelerator (Triton) path, run on CPU by Triton's interpreter, against float64 references.
+
+Tolerances: phi is checked in ulps of the storage dtype (fp32: <= 4 ulp, the bound the CPU kernel also
+meets; bf16/fp16: <= 1 ulp, i.e. fp32 math rounded once — the interpreter rounds half away from zero, GPUs
+to nearest even). Optimizer states are checked against torch's AdamW / Muon on phi(g) with ``k * eps``
+relative to each tensor's largest value (k = 4 for fp32; one ulp for bf16 against a float64 step).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the accelerator path needs triton (pip install triton; Linux)")
+
+import hf_gradpower as gp  # noqa: E402
+from benchmarks.gpu_check import phi64, ulps  # noqa: E402
+from hf_gradpower import accel  # noqa: E402
+from tests.conftest import tiny_llama  # noqa: E402
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNELS = "hf_gradpower._triton_kernels"
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 for this test only: CPU tensors take the Triton path, its kernels interpreted."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    previous = sys.modules.pop(KERNELS, None)
+    importlib.import_module(KERNELS)  # @triton.jit reads TRITON_INTERPRET when the kernels are defined
+    yield
+    sys.modules.pop(KERNELS, None)
+    if previous is not None:
+        sys.modules[KERNELS] = previous
+
+
+def assert_close_scaled(x: torch.Tensor, ref: torch.Tensor, k: float) -> None:
+    """|x - ref| <= k * eps(x.dtype) * max|ref| elementwise."""
+    bound = k * torch.finfo(x.dtype).eps * ref.double().abs().max().item()
+    assert (x.double() - ref.double()).abs().max().item() <= bound
+
+
+def test_takes_triton_path_only_on_accelerators_or_under_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not accel.takes_triton_path(torch.ones(3))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert accel.takes_triton_path(torch.ones(3))
+    assert not accel.takes_triton_path(torch.ones(3, dtype=torch.float64))  # fp64 keeps the eager path
+    assert not accel.takes_triton_path(torch.ones(3, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.8, 1.2, 1.5])
+def test_phi_matches_float64_reference(interpreter, dtype, p):
+    gen = torch.Generator().manual_seed(0)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-4, -7.0, 1e-40, -3e-39])
+    if dtype == torch.bfloat16:  # the interpreter flushes bf16 subnormals on load (GPUs do not): fp32 covers them
+        specials = specials[:-2]
+    grads = [  # several tensors, sizes around the block size, one transposed (non-contiguous): one launch
+        (torch.randn(2500, generator=gen) * 10 ** torch.empty(2500).uniform_(-6, 1, generator=gen)).to(dtype),
+        torch.randn(33, 40, generator=gen).to(dtype).t(),
+        specials.to(dtype),
+        torch.randn(0).to(dtype),
+    ]
+    refs = [phi64(g, p) for g in grads]
+    gp.power_(grads, p)
+    for g, ref in zip(grads, refs, strict=True):
+        assert g.dtype == dtype
+        assert ulps(g, ref) <= (4.0 if dtype == torch.float32 else 1.0)
+    special_out = grads[2]
+    assert torch.equal(special_out[:4].signbit(), specials[:4].signbit()) and special_out[4].isnan()
+    if dtype == torch.float32 and p < 1:
+        assert special_out[7].item() == pytest.approx(1e-40**p, rel=1e-6)  # a subnormal g: exact p-form
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_kind", ["float", "tensor"])
+def test_loss_scaled_gradient_gives_the_unscaled_result(interpreter, dtype, scale_kind):
+    """power_(s*g, grad_scale=s) / s == phi(g): the scale is one factor s**(1-p) inside the kernel."""
+    p, s = 1.2, 1024.0
+    g = (torch.randn(3000, generator=torch.Generator().manual_seed(1)) * 1e-3).to(dtype)
+    scaled = (g.double() * s).to(dtype)  # exact: s is a power of two
+    gp.power_([scaled], p, grad_scale=torch.tensor(s) if scale_kind == "tensor" else s)
+    assert ulps(scaled, phi64(g, p) * s) <= (4.0 if dtype == torch.float32 else 1.0)
+
+
+def _adamw_pair(param_dtype, p, shapes):
+    torch.manual_seed(0)
+    init = [torch.randn(s).to(param_dtype) for s in shapes]
+    fused = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    kwargs = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    return fused, ref, gp.AdamPower(fused, p=p, **kwargs), torch.optim.AdamW(ref, foreach=False, **kwargs)
+
+
+@pytest.mark.parametrize("p", [0.8, 1.2, 1.5, 1.0])
+def test_fused_adampower_equals_phi_then_torch_adamw(interpreter, p):
+    """Three steps with a changing lr: params and state within 4 eps of torch AdamW on phi(g) (fp32)."""
+    shapes = [(33, 17), (5,), (2100,)]
+    fused, ref, opt, ref_opt = _adamw_pair(torch.float32, p, shapes)
+    for _ in range(3):
+        grads = [torch.randn(s) * 1e-3 for s in shapes]
+        for q, r, g in zip(fused, ref, grads, strict=True):
+            q.grad, r.grad = g.clone(), phi64(g, p).float()
+        if p == 1.0:  # AdamPower at p = 1 is torch's own step (bit-identical); here: the kernel without phi
+            assert accel.adamw_power_group_step(opt, opt.param_groups[0], 1.0)
+        else:
+            opt.step()
+        ref_opt.step()
+        for o in (opt, ref_opt):
+            o.param_groups[0]["lr"] *= 0.7
+    for q, r in zip(fused, ref, strict=True):
+        assert_close_scaled(q.detach(), r.detach(), 4)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close_scaled(opt.state[q][key], ref_opt.state[r][key], 4)
+        assert opt.state[q]["step"].item() == ref_opt.state[r]["step"].item() == 3
+    assert opt.state_dict()["state"][0].keys() == ref_opt.state_dict()["state"][0].keys()
+    assert torch.equal(fused[2].grad, grads[2])  # .grad left as g (not phi(g)), like the CPU one-pass
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
+def test_fused_adampower_bf16_params_one_step_vs_float64(interpreter, grad_dtype):
+    """bf16 params and state: each step's fp32 math rounded once, <= 1 bf16 ulp from the float64 step."""
+    p, lr, wd, b1, b2, eps = 1.2, 1e-2, 0.1, 0.9, 0.95, 1e-8
+    param = torch.nn.Parameter(torch.randn(3000).bfloat16())
+    opt = gp.AdamPower([param], lr=lr, p=p, weight_decay=wd, betas=(b1, b2), eps=eps)
+    for step in range(1, 4):
+        g = (torch.randn(3000) * 1e-3).to(grad_dtype)
+        if grad_dtype != param.dtype:
+            param.grad_dtype = grad_dtype  # fp32 gradients of bf16 parameters (mixed-precision training)
+        param.grad = g
+        x0 = param.detach().double()
+        m0, v0 = (opt.state[param][k].double() if opt.state else torch.zeros(3000, dtype=torch.float64)
+                  for k in ("exp_avg", "exp_avg_sq"))  # fmt: skip
+        opt.step()
+        h = phi64(g, p)
+        m = m0 + (1 - b1) * (h - m0)
+        v = b2 * v0 + (1 - b2) * h * h
+        x = x0 * (1 - lr * wd) - lr / (1 - b1**step) * m / (v.sqrt() / (1 - b2**step) ** 0.5 + eps)
+        assert opt.state[param]["exp_avg"].dtype == torch.bfloat16
+        assert ulps(param.detach(), x) <= 1.0
+        assert ulps(opt.state[param]["exp_avg"], m) <= 1.0
+        assert ulps(opt.state[param]["exp_avg_sq"], v) <= 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_fused_momentum_equals_phi_then_lerp(interpreter, dtype, nesterov):
+    p, mu = 1.2, 0.95
+    gen = torch.Generator().manual_seed(2)
+    grad = (torch.randn(40, 60, generator=gen) * 1e-3).to(dtype)
+    buf = (torch.randn(40, 60, generator=gen) * 1e-3).to(dtype)
+    raw, buf0 = grad.clone(), buf.clone()
+    update = accel.muon_power_momentum_(grad, buf, mu, p, nesterov)
+    assert torch.equal(grad, raw)  # g itself is not rewritten
+    if dtype == torch.float32:  # against torch's own ops on phi(g)
+        ref_grad, ref_buf = phi64(raw, p).float(), buf0.clone()
+        ref_buf.lerp_(ref_grad, 1 - mu)
+        assert_close_scaled(buf, ref_buf, 4)
+        assert_close_scaled(update, ref_grad.lerp(ref_buf, mu) if nesterov else ref_buf, 4)
+    else:  # low precision: fp32 math rounded once, <= 1 ulp from float64 (Nesterov from the stored buffer)
+        h = phi64(raw, p)
+        assert ulps(buf, buf0.double() + (1 - mu) * (h - buf0.double())) <= 1.0
+        assert ulps(update, h + mu * (buf.double() - h) if nesterov else buf.double()) <= 1.0
+    assert (update is buf) == (not nesterov)
+
+
+def _train_muonpower(steps: int, apply_first: bool, fused: bool) -> list[torch.Tensor]:
+    model = tiny_llama()
+    opt = gp.build_optimizer(model, "muonpower", lr=2e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        for q in model.parameters():
+            q.grad = torch.randn(q.shape, generator=gen) * 1e-3
+        assert opt.applies_gradpower_in_step == fused
+        if apply_first:
+            gp.apply_now(opt)
+        opt.step()
+    return [q.detach().clone() for q in model.parameters()]
+
+
+@pytest.mark.parametrize("apply_first", [False, True])
+def test_muonpower_fused_step_matches_the_hook_path(interpreter, monkeypatch, apply_first):
+    """phi applied exactly once either way (fused into the momentum, or by apply_now / the hook)."""
+    fused = _train_muonpower(1, apply_first, fused=True)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    hook = _train_muonpower(1, apply_first, fused=False)
+    for a, b in zip(fused, hook, strict=True):  # Newton-Schulz runs in bf16: a 1-ulp change in phi can flip roundings
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3 * 2e-2)
+
+
+def test_no_cpu_kernel_build_when_every_tensor_takes_the_triton_path():
+    """AdamPower and power_ on Triton-path tensors never build or validate the CPU C kernel."""
+    code = (
+        "import torch, hf_gradpower as gp\n"
+        "from hf_gradpower import _kernels\n"
+        "q = torch.nn.Parameter(torch.randn(64, 64)); q.grad = torch.randn(64, 64)\n"
+        "opt = gp.AdamPower([q], lr=1e-3); opt.step(); gp.power_([q.grad], 1.2)\n"
+        "assert opt.state[q]['step'].item() == 1\n"
+        "print(_kernels.kernel_info()['initialised'])\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.fixture
+def compiled_kernels(monkeypatch):
+    """The kernels module as a GPU would load it (no interpreter), restored afterwards."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    previous = sys.modules.pop(KERNELS, None)
+    yield importlib.import_module(KERNELS)
+    sys.modules.pop(KERNELS, None)
+    if previous is not None:
+        sys.modules[KERNELS] = previous
+
+
+def test_kernels_compile_for_an_h100_with_fp32_math_and_vector_loads(compiled_kernels):
+    """Ahead-of-time compile for sm_90 (no GPU needed): catches what the interpreter does not check, and
+    shows in the PTX that no float64 is used and that whole blocks use 128-bit loads and stores."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    table = {"numel_ptr": "*i64", "block_tensor_ptr": "*i32", "block_start_ptr": "*i64"}
+    powers = {n: "fp32" for n in ("qh", "ql", "ph", "pl")}
+    phi = ASTSource(
+        fn=compiled_kernels.phi_kernel,
+        signature={"addr_ptr": "*i64", **table, "scale_ptr": "*fp32", **powers,
+                   **dict.fromkeys(("HAS_SCALE", "DTYPE", "ALIGNED", "BLOCK"), "constexpr")},
+        constexprs={"HAS_SCALE": True, "DTYPE": tl.bfloat16, "ALIGNED": True, "BLOCK": accel.BLOCK},
+    )  # fmt: skip
+    addresses = ("param_addr_ptr", "grad_addr_ptr", "exp_avg_addr_ptr", "exp_avg_sq_addr_ptr")
+    adamw = ASTSource(
+        fn=compiled_kernels.adamw_power_kernel,
+        signature={**dict.fromkeys(addresses, "*i64"), **table, "step_hyper_ptr": "*fp32", **powers,
+                   **dict.fromkeys(("decay", "beta1", "beta2", "eps"), "fp32"),
+                   **dict.fromkeys(("APPLY_PHI", "PARAM_DTYPE", "GRAD_DTYPE", "ALIGNED", "BLOCK"), "constexpr")},
+        constexprs={"APPLY_PHI": True, "PARAM_DTYPE": tl.float32, "GRAD_DTYPE": tl.bfloat16, "ALIGNED": True,
+                    "BLOCK": accel.BLOCK},
+    )  # fmt: skip
+    for source in (phi, adamw):
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        assert ".f64" not in ptx
+        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+
+
+def test_dtensor_shards_take_the_same_fused_path(interpreter):
+    """FSDP2-style DTensor parameters: AdamPower updates their local shards; same result as plain tensors."""
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+
+    initialized_here = not dist.is_initialized()
+    if initialized_here:
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29562", rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", [0])
+        init, grad = torch.randn(64, 8), torch.randn(64, 8) * 1e-3
+        sharded = torch.nn.Parameter(distribute_tensor(init.clone(), mesh, [Shard(0)]))
+        plain = torch.nn.Parameter(init.clone())
+        sharded.grad, plain.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)]), grad.clone()
+        opts = [gp.AdamPower([q], lr=1e-2, weight_decay=0.1) for q in (sharded, plain)]
+        for opt in opts:
+            assert accel.adamw_power_group_step(opt, opt.param_groups[0], 1.2)  # the fused path, not a fallback
+        assert type(opts[0].state[sharded]["exp_avg"]).__name__ == "DTensor"  # state as torch's AdamW keeps it
+        assert torch.equal(sharded.full_tensor(), plain.detach())
+        assert torch.equal(opts[0].state[sharded]["exp_avg_sq"].full_tensor(), opts[1].state[plain]["exp_avg_sq"])
+    finally:
+        if initialized_here:
+            dist.destroy_process_group()
