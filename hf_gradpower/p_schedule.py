@@ -100,27 +100,31 @@ def parse_power_spec(spec: str | float) -> dict[str, Constant | Ramp | Phases | 
 
 
 def _parse_one(text: str):
+    """One schedule; a bad exponent keeps ``validate_power``'s message, any other mistake gets the usage line."""
     head, *rest = text.split(":")
     try:
-        nums = [float(x) for x in rest]
-        if head in ("linear", "cosine") and len(nums) in (2, 3):
-            steps = int(nums[2]) if len(nums) == 3 else None
-            if steps is not None and steps < 1:
-                raise ValueError
-            return Ramp(validate_power(nums[0]), validate_power(nums[1]), head, steps)
-        if head == "wsd" and len(nums) == 2:
-            return Phases(validate_power(nums[0]), validate_power(nums[1]))
-        if head == "auto" and len(nums) in (0, 2):
-            lo, hi = nums or AUTO_RANGE
-            if not 0 < validate_power(lo) <= validate_power(hi):
-                raise ValueError
-            return Auto(lo, hi)
-        if not rest:
-            return Constant(validate_power(float(head)))
+        nums = [float(x) for x in rest] if rest else ([float(head)] if head not in ("auto",) else [])
     except ValueError:
-        pass
-    raise ValueError(f"bad gradpower_p schedule {text!r}: use a number, linear:P0:P1[:N], cosine:P0:P1[:N], "
-                     "wsd:PS:PD or auto[:LO:HI] (optionally per role: embedding=1.0,hidden=auto,*=1.2)")
+        raise ValueError(_usage(text)) from None
+    if not rest and head != "auto":
+        return Constant(validate_power(nums[0]))
+    if head in ("linear", "cosine") and len(nums) in (2, 3):
+        if len(nums) == 3 and (nums[2] < 1 or nums[2] != int(nums[2])):
+            raise ValueError(f"gradpower_p {text!r}: the ramp length N must be a positive whole number of steps")
+        return Ramp(validate_power(nums[0]), validate_power(nums[1]), head, int(nums[2]) if len(nums) == 3 else None)
+    if head == "wsd" and len(nums) == 2:
+        return Phases(validate_power(nums[0]), validate_power(nums[1]))
+    if head == "auto" and len(nums) in (0, 2):
+        lo, hi = (validate_power(x) for x in (nums or AUTO_RANGE))
+        if lo > hi:
+            raise ValueError(f"gradpower_p {text!r}: auto:LO:HI needs LO <= HI")
+        return Auto(lo, hi)
+    raise ValueError(_usage(text))
+
+
+def _usage(text: str) -> str:
+    return (f"bad gradpower_p schedule {text!r}: use a number, linear:P0:P1[:N], cosine:P0:P1[:N], "
+            "wsd:PS:PD or auto[:LO:HI] (optionally per role: embedding=1.0,hidden=auto,*=1.2)")
 
 
 def is_constant_spec(spec: str | float) -> bool:
