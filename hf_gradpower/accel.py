@@ -38,6 +38,8 @@ from collections import OrderedDict
 
 import torch
 
+from hf_gradpower.adamw_step import is_plain_adamw
+
 __all__ = [
     "adamw_power_group_step", "muon_power_momentum_", "sign_power_tensors_", "take_fused_muon_powers",
     "takes_triton_path", "triton_available",
@@ -159,15 +161,6 @@ def sign_power_tensors_(
             t.copy_(c)
 
 
-def _adamw_qualifies(group: dict) -> bool:
-    """The AdamW options the fused kernel implements: decoupled weight decay, float hyper-parameters."""
-    if group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"]:
-        return False
-    if not group.get("decoupled_weight_decay", True):
-        return False
-    return not any(torch.is_tensor(v) for v in (group["lr"], group["weight_decay"], group["eps"], *group["betas"]))
-
-
 def _fusable(param: torch.Tensor, grad: torch.Tensor) -> bool:
     return (
         takes_triton_path(param) and takes_triton_path(grad) and param.is_contiguous() and grad.is_contiguous()
@@ -182,7 +175,7 @@ def adamw_power_group_step(optimizer: torch.optim.AdamW, group: dict, p: float) 
     (FSDP2) parameters, gradients and state are updated through their local shards."""
     from hf_gradpower.transform import _local  # transform imports this module
     with_grad = [q for q in group["params"] if q.grad is not None]
-    if not with_grad or not _adamw_qualifies(group):
+    if not with_grad or not is_plain_adamw(group):
         return False
     if not all(_fusable(_local(q), _local(q.grad)) for q in with_grad):
         return False

@@ -25,7 +25,7 @@ import torch
 
 from hf_gradpower import _kernels, accel
 from hf_gradpower._kernels import dense_cpu_f32
-from hf_gradpower.adamw_step import adamw_group_step
+from hf_gradpower.adamw_step import adamw_group_step, is_plain_adamw
 from hf_gradpower.attach import GROUP_KEY, attach, take_applied_flag
 from hf_gradpower.transform import DEFAULT_POWER, power_
 
@@ -63,20 +63,11 @@ class AdamPower(torch.optim.AdamW):
         return loss
 
 
-def _qualifies(group: dict) -> bool:
-    """Group options the one-pass kernel implements: plain AdamW with float hyper-parameters."""
-    if group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"]:
-        return False
-    if not group.get("decoupled_weight_decay", True):
-        return False
-    return not any(torch.is_tensor(v) for v in (group["lr"], group["weight_decay"], group["eps"], *group["betas"]))
-
-
 def _one_pass_step(optimizer: torch.optim.AdamW, group: dict, p: float) -> bool:
     """AdamW on phi_p(g) for the whole group in ONE C call (one OpenMP region over all its tensors); returns
     False, before any update, if the group doesn't qualify. Devices are checked before the kernel is
     touched, so a step on accelerator (or meta) tensors never builds or validates the CPU kernel."""
-    if not _qualifies(group) or not 0.0 < p <= _kernels.FAST_P_MAX or _kernels.kernel_mode() == "eager":
+    if not is_plain_adamw(group) or not 0.0 < p <= _kernels.FAST_P_MAX or _kernels.kernel_mode() == "eager":
         return False
     params = [q for q in group["params"] if q.grad is not None]
     if not params or not all(dense_cpu_f32(q) and dense_cpu_f32(q.grad) for q in params):

@@ -28,3 +28,13 @@ def adamw_group_step(optimizer: torch.optim.AdamW, group: dict) -> None:
         fused=group["fused"], grad_scale=None, found_inf=None,
         decoupled_weight_decay=group.get("decoupled_weight_decay", True),
     )
+
+
+def is_plain_adamw(group: dict) -> bool:
+    """The AdamW options the fused GradPower kernels (CPU one-pass, Triton) implement: decoupled weight
+    decay and float hyper-parameters; no amsgrad, maximize, capturable or differentiable."""
+    if group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"]:
+        return False
+    if not group.get("decoupled_weight_decay", True):
+        return False
+    return not any(torch.is_tensor(v) for v in (group["lr"], group["weight_decay"], group["eps"], *group["betas"]))

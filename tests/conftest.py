@@ -45,3 +45,19 @@ def llama():
 @pytest.fixture
 def qwen2moe():
     return tiny_qwen2moe()
+
+
+@pytest.fixture
+def cpu_mesh(tmp_path):
+    """A one-process gloo group (file rendezvous: no port to collide with) and its 1-rank CPU DeviceMesh."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh
+
+    initialized_here = not dist.is_initialized()
+    if initialized_here:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        yield DeviceMesh("cpu", [0])
+    finally:
+        if initialized_here:
+            dist.destroy_process_group()

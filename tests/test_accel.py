@@ -253,26 +253,17 @@ def test_kernels_compile_for_an_h100_with_fp32_math_and_vector_loads(compiled_ke
         assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
 
 
-def test_dtensor_shards_take_the_same_fused_path(interpreter):
+def test_dtensor_shards_take_the_same_fused_path(interpreter, cpu_mesh):
     """FSDP2-style DTensor parameters: AdamPower updates their local shards; same result as plain tensors."""
-    dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    initialized_here = not dist.is_initialized()
-    if initialized_here:
-        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29562", rank=0, world_size=1)
-    try:
-        mesh = DeviceMesh("cpu", [0])
-        init, grad = torch.randn(64, 8), torch.randn(64, 8) * 1e-3
-        sharded = torch.nn.Parameter(distribute_tensor(init.clone(), mesh, [Shard(0)]))
-        plain = torch.nn.Parameter(init.clone())
-        sharded.grad, plain.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)]), grad.clone()
-        opts = [gp.AdamPower([q], lr=1e-2, weight_decay=0.1) for q in (sharded, plain)]
-        for opt in opts:
-            assert accel.adamw_power_group_step(opt, opt.param_groups[0], 1.2)  # the fused path, not a fallback
-        assert type(opts[0].state[sharded]["exp_avg"]).__name__ == "DTensor"  # state as torch's AdamW keeps it
-        assert torch.equal(sharded.full_tensor(), plain.detach())
-        assert torch.equal(opts[0].state[sharded]["exp_avg_sq"].full_tensor(), opts[1].state[plain]["exp_avg_sq"])
-    finally:
-        if initialized_here:
-            dist.destroy_process_group()
+    init, grad = torch.randn(64, 8), torch.randn(64, 8) * 1e-3
+    sharded = torch.nn.Parameter(distribute_tensor(init.clone(), cpu_mesh, [Shard(0)]))
+    plain = torch.nn.Parameter(init.clone())
+    sharded.grad, plain.grad = distribute_tensor(grad.clone(), cpu_mesh, [Shard(0)]), grad.clone()
+    opts = [gp.AdamPower([q], lr=1e-2, weight_decay=0.1) for q in (sharded, plain)]
+    for opt in opts:
+        assert accel.adamw_power_group_step(opt, opt.param_groups[0], 1.2)  # the fused path, not a fallback
+    assert type(opts[0].state[sharded]["exp_avg"]).__name__ == "DTensor"  # state as torch's AdamW keeps it
+    assert torch.equal(sharded.full_tensor(), plain.detach())
+    assert torch.equal(opts[0].state[sharded]["exp_avg_sq"].full_tensor(), opts[1].state[plain]["exp_avg_sq"])

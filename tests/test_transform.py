@@ -120,23 +120,14 @@ def test_sparse_gradient_is_rejected():
         power_([g], 1.2)
 
 
-def test_dtensor_gradient_is_transformed_elementwise():
-    dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+def test_dtensor_gradient_is_transformed_elementwise(cpu_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    initialized_here = not dist.is_initialized()
-    if initialized_here:
-        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29561", rank=0, world_size=1)
-    try:
-        mesh = DeviceMesh("cpu", [0])
-        full = torch.randn(16, 4) * 1e-2
-        dt = distribute_tensor(full.clone(), mesh, [Shard(0)])
-        power_([dt], 1.2)
-        assert type(dt).__name__ == "DTensor"
-        assert ulp_error(dt.full_tensor(), reference(full, 1.2), torch.float32) <= FP32_BOUND
-    finally:
-        if initialized_here:
-            dist.destroy_process_group()
+    full = torch.randn(16, 4) * 1e-2
+    dt = distribute_tensor(full.clone(), cpu_mesh, [Shard(0)])
+    power_([dt], 1.2)
+    assert type(dt).__name__ == "DTensor"
+    assert ulp_error(dt.full_tensor(), reference(full, 1.2), torch.float32) <= FP32_BOUND
 
 
 def test_reference_helpers_are_sane():
