@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -154,6 +155,16 @@ def check_optimizer_name(name: str) -> None:
                      f"transformers': {', '.join(theirs)}")
 
 
+_HYPER_RANGES = (
+    ("learning_rate", lambda v: v > 0, "> 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_epsilon", lambda v: v >= 0, ">= 0"),
+    ("max_grad_norm", lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+)
+
+
 def _check_positive(values: dict) -> None:
     for key in POSITIVE:
         v = values.get(key)
@@ -162,6 +173,10 @@ def _check_positive(values: dict) -> None:
     for key in ("eval_docs", "warmup_steps"):
         if values.get(key) is not None and values[key] < 0:
             raise ValueError(f"--{key} must be >= 0, got {values[key]}")
+    for key, valid, need in _HYPER_RANGES:  # torch would refuse these only after the model is built
+        v = values.get(key)
+        if v is not None and not (math.isfinite(v) and valid(v)):
+            raise ValueError(f"--{key} must be {need}, got {v}")
 
 
 def parse_args(argv: list[str] | None = None):

@@ -115,6 +115,8 @@ BAD_INPUT = {  # case: (argv given tmp_path, what the line must say)
     "misspelt optimizer": (lambda p: ["--optim", "adampowr"], "did you mean adampower.*muonpower.*adamw_torch"),
     "sequence too long": (lambda p: ["--seq_len", "4096"], "4096"),
     "batch 0": (lambda p: ["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be a positive"),
+    "negative lr": (lambda p: ["--learning_rate", "-1"], "--learning_rate must be > 0, got -1"),
+    "beta2 = 1": (lambda p: ["--adam_beta2", "1.0"], r"--adam_beta2 must be in \[0, 1\)"),
     "batch not splitting": (lambda p: ["--global_batch_size", "30", "--per_device_train_batch_size", "8"],
                             "not a multiple"),
     "missing dataset": (lambda p: ["--dataset", "no/such/file.jsonl"], "not found: 'no/such/file.jsonl'"),
