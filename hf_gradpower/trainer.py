@@ -171,6 +171,12 @@ class GradPowerTrainer(Trainer):
 
     def _check_gradpower_setup(self) -> None:
         """Refuse combinations that would silently train without GradPower or with wrong updates."""
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not self.is_fsdp_enabled:
+            logger.warning(  # Accelerate selects FSDP only on GPU-type setups; on CPU it falls back to DDP
+                "accelerate was launched with an FSDP config but this run is not sharded (%s): every process holds "
+                "the whole model and optimizer state. Shard on GPUs, or with torch's fully_shard (see README).",
+                self.accelerator.distributed_type,
+            )
         if not self._uses_gradpower_optim():
             return
         base, use_power = resolve_name(str(self.args.optim))

@@ -83,6 +83,14 @@ def test_adamw_run_resumed_from_an_adampower_checkpoint_stays_adamw(tmp_path):
     assert resumed_losses("a", checkpoint) == resumed_losses("b", stripped)
 
 
+def test_an_fsdp_launch_that_accelerate_runs_unsharded_is_reported(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --config_file fsdp2.yaml` sets
+    with caplog.at_level("WARNING", logger="hf_gradpower.trainer"):
+        trainer = GradPowerTrainer(model=tiny_llama(), args=make_args(tmp_path), train_dataset=dataset())
+    assert not trainer.is_fsdp_enabled
+    assert any("not sharded" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("order", ["before_clip", "after_clip"])
 def test_clipping_order(tmp_path, order):
     """One SGD step: before_clip gives lr * clip(phi(g)), after_clip gives lr * phi(clip(g))."""
