@@ -51,7 +51,7 @@ def attach(optimizer: torch.optim.Optimizer, p: float = DEFAULT_POWER) -> torch.
     ``p = 1`` keeps the key (so checkpoints say what ran) but leaves the updates bit-identical.
     Param groups added later (``add_param_group``) inherit ``p`` through ``optimizer.defaults``.
     """
-    optimizer = _unwrap(optimizer)
+    optimizer = inner_optimizer(optimizer)
     p = validate_power(p)
     for group in optimizer.param_groups:
         group[GROUP_KEY] = p
@@ -63,7 +63,7 @@ def attach(optimizer: torch.optim.Optimizer, p: float = DEFAULT_POWER) -> torch.
 
 def detach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Remove GradPower from ``optimizer`` (it becomes its bare base optimizer again)."""
-    optimizer = _unwrap(optimizer)
+    optimizer = inner_optimizer(optimizer)
     for group in optimizer.param_groups:
         group.pop(GROUP_KEY, None)
     optimizer.defaults.pop(GROUP_KEY, None)
@@ -72,12 +72,12 @@ def detach(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 def is_attached(optimizer: torch.optim.Optimizer) -> bool:
     """True if GradPower was attached to ``optimizer`` (not merely loaded from a checkpoint's param groups)."""
-    return GROUP_KEY in _unwrap(optimizer).defaults
+    return GROUP_KEY in inner_optimizer(optimizer).defaults
 
 
 def gradpower_p(optimizer: torch.optim.Optimizer) -> float | None:
     """The ``p`` of the optimizer (``None`` if GradPower is not attached); raises if groups disagree."""
-    optimizer = _unwrap(optimizer)
+    optimizer = inner_optimizer(optimizer)
     if not is_attached(optimizer):
         return None
     powers = {g.get(GROUP_KEY) for g in optimizer.param_groups}
@@ -92,7 +92,7 @@ def apply_now(optimizer: torch.optim.Optimizer, *, grad_scale: torch.Tensor | fl
 
     ``grad_scale`` is the loss scale the gradients still carry, if any (GradScaler before unscale_).
     """
-    optimizer = _unwrap(optimizer)
+    optimizer = inner_optimizer(optimizer)
     _power_groups(optimizer, grad_scale)
     setattr(optimizer, _APPLIED_FLAG, True)
 
@@ -165,7 +165,7 @@ def _wraps_optimizer(optimizer) -> bool:
     return isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)
 
 
-def _unwrap(optimizer):
+def inner_optimizer(optimizer):
     """The innermost torch optimizer (Accelerate's ``AcceleratedOptimizer`` and similar wrap one)."""
     while _wraps_optimizer(optimizer):
         optimizer = optimizer.optimizer

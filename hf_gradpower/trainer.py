@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from hf_gradpower.attach import GROUP_KEY, _unwrap, apply_now
+from hf_gradpower.attach import GROUP_KEY, apply_now, inner_optimizer
 from hf_gradpower.checkpoints import resolve_resume
 from hf_gradpower.noise import GradientNoiseMeter, adam_snr
 from hf_gradpower.optimizers import available_optimizers, build_optimizer, resolve_name
@@ -267,7 +267,7 @@ class GradPowerNoiseCallback(TrainerCallback, ExportableState):
                 "attributes": {"saved": saved}}
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        optimizer = _unwrap(optimizer)
+        optimizer = inner_optimizer(optimizer)
         saved = self.saved or _saved_state(state, type(self).__name__)
         if self.measure_noise and self.meter is None:
             self.meter = GradientNoiseMeter(optimizer.param_groups, args.per_device_train_batch_size).start()
@@ -295,7 +295,7 @@ class GradPowerNoiseCallback(TrainerCallback, ExportableState):
 
     def log_values(self, optimizer) -> dict[str, float]:
         """The noise EMAs, Adam's SNR and the p in force (numel-weighted mean, and per group if they differ)."""
-        optimizer = _unwrap(optimizer)
+        optimizer = inner_optimizer(optimizer)
         out: dict[str, float] = {}
         if self.meter is not None and self.meter.steps:
             stats = self.meter.stats()
