@@ -53,8 +53,11 @@ _TABLE_CACHE_SIZE = 64
 
 
 @functools.cache
+@functools.cache
 def triton_available() -> bool:
-    """Whether ``triton`` imports (it ships with torch's CUDA/ROCm/XPU wheels; the CPU wheel lacks it)."""
+    """Whether ``triton`` imports (it ships with torch's CUDA/ROCm/XPU wheels; the CPU wheel lacks it).
+
+    Cached: it is asked per tensor on every step, and a failed import would search ``sys.path`` each time."""
     try:
         import triton  # noqa: F401
     except ImportError:
