@@ -121,12 +121,13 @@ class GradientNoiseMeter:
         if grad_scale is not None:
             scale_sq = torch.as_tensor(grad_scale, dtype=torch.float64, device=device) ** 2
             small, big = small / scale_sq, big / scale_sq
-        small = torch.cat([small, small.sum().reshape(1)]).cpu()
-        big = torch.cat([big, big.sum().reshape(1)]).cpu()
+        small = torch.cat([small, small.sum().reshape(1)])
+        big = torch.cat([big, big.sum().reshape(1)])
         grad_sq = (b_big * big - b_small * small) / (b_big - b_small)
         trace = (small - big) / (1.0 / b_small - 1.0 / b_big)
-        self.ema_grad_sq.mul_(self.beta).add_(grad_sq, alpha=1 - self.beta)
-        self.ema_trace.mul_(self.beta).add_(trace, alpha=1 - self.beta)
+        # the EMAs live on the gradients' device: no host sync per step, only when stats() is read
+        self.ema_grad_sq = self.ema_grad_sq.to(device).mul_(self.beta).add_(grad_sq, alpha=1 - self.beta)
+        self.ema_trace = self.ema_trace.to(device).mul_(self.beta).add_(trace, alpha=1 - self.beta)
         self.steps += 1
         self.last_batch_size = b_big
         return True
