@@ -1,4 +1,4 @@
-"""Report section for comparisons 9-13: p schedules and ``auto`` p against AdamW / fixed p, both regimes.
+"""Report section for comparisons 9-15: p schedules and ``auto`` p against AdamW / fixed p, both regimes.
 
 Adds a table of every optimizer variant per regime (paired over the same seeds against AdamW and against
 AdamPower p = 1.2), a verdict per regime computed from that table, and a figure of the measured noise
@@ -14,6 +14,7 @@ import matplotlib
 from benchmarks.reproduce_plan import (
     BASE_BATCH,
     P_RAMP,
+    P_RAMP_FIXED,
     Plan,
     comparisons,
     long_comparison,
@@ -43,16 +44,11 @@ def _variants(plan: Plan, long: bool, results: dict[str, dict]) -> dict[str, lis
     """Per variant, its runs (one per seed, same seeds in every variant) for one regime; only variants whose
     runs have all finished."""
     fixed = long_comparison(plan) if long else comparisons(plan)[1]  # AdamW vs AdamPower p=1.2 (wsd)
-    ramp, auto, *muon = noise_comparisons(plan, long)
-    out = {
-        "AdamW": [b for b, _ in fixed["pairs"]],
-        "AdamPower p=1.2": [g for _, g in fixed["pairs"]],
-        f"AdamPower p={P_RAMP}": [g for _, g in ramp["pairs"]],
-        "AdamPower p=auto": [g for _, g in auto["pairs"]],
-    }
-    if muon:
-        out["Muon"] = [b for b, _ in muon[0]["pairs"]]
-        out["MuonPower p=auto"] = [g for _, g in muon[0]["pairs"]]
+    out = {"AdamW": [b for b, _ in fixed["pairs"]], "AdamPower p=1.2": [g for _, g in fixed["pairs"]]}
+    for comp in noise_comparisons(plan, long):
+        if comp["variant"].startswith("Muon"):
+            out["Muon"] = [b for b, _ in comp["pairs"]]
+        out[comp["variant"]] = [g for _, g in comp["pairs"]]
     return {name: runs for name, runs in out.items() if all(r.key in results for r in runs)}
 
 
@@ -74,8 +70,9 @@ def _row(regime: str, name: str, runs, base_runs, fixed_runs, results) -> tuple[
 
 def noise_section(plan: Plan, results: dict[str, dict], out: Path, summaries: list[dict]) -> tuple[list[str], dict]:
     """Markdown lines of the section and its summary (for summary.json); draws the figures."""
-    lines = ["## 9-13. p schedules and auto p (issue 11), both regimes", "",
-             f"- Ramp: `--gradpower_p {P_RAMP}` (linear over the run). Auto: `--gradpower_p auto` (p per param group "
+    lines = ["## 9-15. p schedules and auto p (issue 11), both regimes", "",
+             f"- Ramp: `--gradpower_p {P_RAMP}` (linear over the run); fixed-length ramp: `--gradpower_p "
+             f"{P_RAMP_FIXED}` (linear over the first 400 steps, then 1.2). Auto: `--gradpower_p auto` (p per param group "
              "every 10 steps from the measured noise through Example 4.1, clamped to [0.9, 1.2]; 1.0 until the "
              f"first decision); its runs use 2 micro-batches of 4 (same global batch {BASE_BATCH}) so that the "
              "noise is measurable.",
@@ -104,13 +101,13 @@ def noise_section(plan: Plan, results: dict[str, dict], out: Path, summaries: li
         if auto is None:
             verdicts.append(f"- **{regime} regime**: the auto runs have not finished (see below).")
             continue
-        worse = auto["vs_baseline"]["diff"] > 0 and auto["vs_baseline"]["exceeds_noise"]
         verdicts.append(
             f"- **{regime} regime**: auto vs AdamW {auto['vs_baseline']['diff']:+.4f} "
-            f"(2 x SE {_two_se(auto['vs_baseline'])}): " + ("**worse beyond seed noise**" if worse else
-                                                             "not worse beyond seed noise")
+            f"(2 x SE {_two_se(auto['vs_baseline'])}): " + ("**worse beyond seed noise**" if _worse(auto["vs_baseline"])
+                                                             else "not worse beyond seed noise")
             + f"; auto vs p = 1.2 {auto['vs_p1.2']['diff']:+.4f} (2 x SE {_two_se(auto['vs_p1.2'])})."
         )
+    verdicts += _goal(summary)
     if missing:
         verdicts.append("- Not run yet (the suite trains them on its next call and resumes from the cached runs): "
                         + "; ".join(missing) + ".")
@@ -122,6 +119,28 @@ def noise_section(plan: Plan, results: dict[str, dict], out: Path, summaries: li
               f"{BASE_BATCH}) measured along the auto runs, and the p auto chose (mean over parameters), both "
               "averaged over seeds.", ""]
     return lines, summary
+
+
+def _worse(s: dict) -> bool:
+    return s["diff"] > 0 and s["exceeds_noise"]
+
+
+def _goal(summary: dict) -> list[str]:
+    """Issue 11's goal per AdamPower schedule: never worse than AdamW beyond seed noise in either regime, and not
+    worse than fixed p = 1.2 beyond seed noise in the long regime."""
+    names = sorted({k.split("/", 1)[1] for k in summary} - {"AdamW", "AdamPower p=1.2", "Muon", "MuonPower p=auto"})
+    out = []
+    for name in names:
+        short, long = summary.get(f"short/{name}"), summary.get(f"long/{name}")
+        if short is None or long is None:
+            continue
+        fails = [what for what, bad in (("loses to AdamW in the short regime", _worse(short["vs_baseline"])),
+                                        ("loses to AdamW in the long regime", _worse(long["vs_baseline"])),
+                                        ("loses to p = 1.2 in the long regime", _worse(long["vs_p1.2"])))
+                 if bad]
+        out.append(f"- Goal (never worse than AdamW, not worse than p = 1.2 in the long regime, each beyond seed noise)"
+                   f", {name}: " + ("**met**" if not fails else "not met: " + ", ".join(fails)) + ".")
+    return out
 
 
 def _partial(plan: Plan, results: dict[str, dict]) -> list[str]:
@@ -144,9 +163,9 @@ def _plot_noise(plan: Plan, results: dict[str, dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, long in zip(axes, (False, True), strict=True):
         twin = ax.twinx()
-        ramp, auto, *muon = noise_comparisons(plan, long)
-        for name, comp, color in (("AdamPower p=auto", auto, "tab:blue"), ("MuonPower p=auto", (muon or [None])[0],
-                                                                             "tab:red")):
+        comps = {c["variant"]: c for c in noise_comparisons(plan, long)}
+        for name, color in (("AdamPower p=auto", "tab:blue"), ("MuonPower p=auto", "tab:red")):
+            comp = comps.get(name)
             # every finished auto run (all seeds when the comparison is complete), for the curve
             runs = [results[g.key] for _, g in (comp or {"pairs": []})["pairs"] if g.key in results]
             if runs:
