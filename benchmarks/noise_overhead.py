@@ -1,13 +1,14 @@
 """Cost of the gradient noise meter per training step, on tiny LLaMA, meter on and off interleaved step by step.
 
-    python -m benchmarks.noise_overhead [--steps 120] [--warmup 10] [--out benchmarks/results]
+    python -m benchmarks.noise_overhead [--blocks 16] [--block_steps 10] [--warmup 10] [--out benchmarks/results]
 
 One process trains tiny LLaMA (``configs/models/llama-tiny``, AdamPower, global batch 8 = 2 micro-batches
-of 4 sequences of 128 random tokens, the Trainer's loss scaling) in a plain loop, switching the meter on
-and off every step: an "on" step has the per-parameter gradient hooks and ``measure()`` (what runs every
-step). Interleaving step by step makes the drift of a shared machine hit both sides alike; pairs (on, off)
-of adjacent steps give a ratio each. Reported: the median ratio - 1 and its interquartile range, beside the
-median step times. What ``GradPowerTrainer`` adds at each logging step (``stats()`` and ``adam_snr``) is
+of 4 sequences of 128 random tokens, the Trainer's loss scaling) in a plain loop, in alternating blocks of
+``--block_steps`` steps with the meter off and on. In an "on" block the per-parameter gradient hooks stay
+registered and every step calls ``measure()``, as in training (hooks are added and removed between blocks,
+outside the timing). Alternating blocks makes the drift of a shared machine hit both sides alike; each
+adjacent (off, on) pair of blocks gives the ratio of their median step times. Reported: the median ratio - 1
+and its interquartile range over the pairs, beside the median step times. What ``GradPowerTrainer`` adds at each logging step (``stats()`` and ``adam_snr``) is
 timed on its own and reported per call and as a share of ``--logging_steps`` steps. Target: < 2%.
 """
 
@@ -51,41 +52,52 @@ def isa() -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=120, help="timed steps (half with the meter on)")
+    parser.add_argument("--blocks", type=int, default=16, help="pairs of (off, on) blocks")
+    parser.add_argument("--block_steps", type=int, default=10, help="timed steps per block")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--logging_steps", type=int, default=10, help="Trainer's logging interval, for the share")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    if args.steps < 4 or args.steps % 2:
-        parser.error(f"--steps must be an even number >= 4 (got {args.steps})")
+    if args.blocks < 2 or args.block_steps < 3:
+        parser.error(f"need --blocks >= 2 and --block_steps >= 3 (got {args.blocks}, {args.block_steps})")
     torch.manual_seed(0)
     config = load_model_config("llama-tiny")
     model = AutoModelForCausalLM.from_config(config)
     optimizer = gp.build_optimizer(model, "adampower", lr=1e-3, weight_decay=0.1)
     meter = GradientNoiseMeter(optimizer.param_groups, micro_batch_size=MICRO)
     gen = torch.Generator().manual_seed(0)
-    times: dict[bool, list[float]] = {True: [], False: []}
-    log_times: list[float] = []
-    for step in range(args.warmup + args.steps):
-        on = step % 2 == 1
+
+    def step(on: bool) -> float:
         ids = torch.randint(0, config.vocab_size, (ACCUM, MICRO, SEQ), generator=gen)
         t0 = time.perf_counter()
-        if on:
-            meter.start()
         for micro in ids:
             (model(input_ids=micro, labels=micro).loss / ACCUM).backward()
         if on:
             meter.measure()
-            meter.stop()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step >= args.warmup:
-            times[on].append(time.perf_counter() - t0)
-        if on:
-            t1 = time.perf_counter()
-            meter.stats()
-            adam_snr(optimizer)
-            log_times.append(time.perf_counter() - t1)
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup):
+        step(False)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    ratios, log_times = [], []
+    for _ in range(args.blocks):
+        medians = {}
+        for on in (False, True):
+            if on:
+                meter.start()
+            block = [step(on) for _ in range(args.block_steps)]
+            if on:
+                meter.stop()
+                t1 = time.perf_counter()
+                meter.stats()
+                adam_snr(optimizer)
+                log_times.append(time.perf_counter() - t1)
+            times[on] += block
+            medians[on] = statistics.median(block)
+        ratios.append(medians[True] / medians[False])
+    ids = torch.randint(0, config.vocab_size, (ACCUM, MICRO, SEQ), generator=gen)
     # The meter's own work, timed alone on the last step's real gradients: what the hooks compute for
     # ACCUM micro-batches plus measure(); its share of the "off" step is free of the drift between steps.
     model(input_ids=ids[0], labels=ids[0]).loss.backward()
@@ -99,10 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
                 hook(grad)
         meter.measure()
         alone.append(time.perf_counter() - t0)
-    ratios = sorted(on / off for off, on in zip(times[False], times[True], strict=True))
+    ratios.sort()
     q = statistics.quantiles(ratios, n=4)
     result = {
         "cpu": cpu_name(), "isa": isa(), "threads": torch.get_num_threads(), "steps_each": len(times[True]),
+        "blocks": args.blocks, "block_steps": args.block_steps,
         "median_off_s": statistics.median(times[False]), "median_on_s": statistics.median(times[True]),
         "median_overhead": statistics.median(ratios) - 1, "q1_overhead": q[0] - 1, "q3_overhead": q[2] - 1,
         "meter_alone_s": statistics.median(alone),
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[noise_overhead] {result['cpu']} ({result['isa']}, {result['threads']} threads), {result['setup']}: "
           f"step {result['median_off_s'] * 1e3:.1f} ms off, {result['median_on_s'] * 1e3:.1f} ms on; overhead "
           f"median {result['median_overhead']:+.2%} (IQR {result['q1_overhead']:+.2%} .. "
-          f"{result['q3_overhead']:+.2%}) over {result['steps_each']} interleaved pairs; the meter's work alone "
+          f"{result['q3_overhead']:+.2%}) over {args.blocks} pairs of {args.block_steps}-step blocks; the meter's work alone "
           f"{result['meter_alone_s'] * 1e3:.2f} ms = {result['meter_alone_share']:+.2%} of a step; logged values "
           f"{result['log_values_s'] * 1e3:.1f} ms per call = {result['log_share']:+.2%} at logging_steps "
           f"{args.logging_steps}; target < {TARGET:.0%}")

@@ -1,4 +1,4 @@
-"""Report section for comparisons 9-15: p schedules and ``auto`` p against AdamW / fixed p, both regimes.
+"""Report section for comparisons 9-17: p schedules and ``auto`` p against AdamW / fixed p, both regimes.
 
 Adds a table of every optimizer variant per regime (paired over the same seeds against AdamW and against
 AdamPower p = 1.2), a verdict per regime computed from that table, and a figure of the measured noise
@@ -14,7 +14,7 @@ import matplotlib
 from benchmarks.reproduce_plan import (
     BASE_BATCH,
     P_RAMP,
-    P_RAMP_FIXED,
+    P_RAMPS_FIXED,
     Plan,
     comparisons,
     long_comparison,
@@ -70,9 +70,10 @@ def _row(regime: str, name: str, runs, base_runs, fixed_runs, results) -> tuple[
 
 def noise_section(plan: Plan, results: dict[str, dict], out: Path, summaries: list[dict]) -> tuple[list[str], dict]:
     """Markdown lines of the section and its summary (for summary.json); draws the figures."""
-    lines = ["## 9-15. p schedules and auto p (issue 11), both regimes", "",
-             f"- Ramp: `--gradpower_p {P_RAMP}` (linear over the run); fixed-length ramp: `--gradpower_p "
-             f"{P_RAMP_FIXED}` (linear over the first 400 steps, then 1.2). Auto: `--gradpower_p auto` (p per param group "
+    lines = ["## 9-17. p schedules and auto p (issue 11), both regimes", "",
+             f"- Ramp: `--gradpower_p {P_RAMP}` (linear over the run); fixed-length ramps: "
+             + ", ".join(f"`--gradpower_p {spec}`" for spec in P_RAMPS_FIXED) + " (linear over the first 400 steps, "
+             "then 1.2). Auto: `--gradpower_p auto` (p per param group "
              "every 10 steps from the measured noise through Example 4.1, clamped to [0.9, 1.2]; 1.0 until the "
              f"first decision); its runs use 2 micro-batches of 4 (same global batch {BASE_BATCH}) so that the "
              "noise is measurable.",

@@ -168,21 +168,21 @@ def test_smoke_suite_and_resume(tmp_path):
     regimes = [line for line in text.splitlines() if line.startswith(("| short | 2.", "| long | 8."))]
     assert len(regimes) == 2 and long["name"] in regimes[1]
     assert all(line.endswith(" of 1 |") and "| AdamPower " in line for line in regimes)  # generated direction
-    # comparisons 9-15: every variant in both regimes, a verdict per regime and the goal per schedule
-    assert "## 9-15. p schedules and auto p" in text
+    # comparisons 9-17: every variant in both regimes, a verdict per regime and the goal per schedule
+    assert "## 9-17. p schedules and auto p" in text
     for regime in ("short", "long"):
         assert f"- **{regime} regime**: auto vs AdamW" in text
         for variant in ("AdamW", "AdamPower p=1.2", "AdamPower p=linear:0.9:1.2", "AdamPower p=auto",
-                        "AdamPower p=linear:0.9:1.2:400"):
+                        "AdamPower p=linear:0.9:1.2:400", "AdamPower p=linear:1.0:1.2:400"):
             assert any(line.startswith(f"| {regime} | {variant} |") for line in text.splitlines()), variant
     assert any(line.startswith("| short | MuonPower p=auto |") for line in text.splitlines())
     goals = [line for line in text.splitlines() if line.startswith("- Goal (")]
-    assert len(goals) == 3 and all(("**met**" in g) != ("not met: " in g) for g in goals)
+    assert len(goals) == 4 and all(("**met**" in g) != ("not met: " in g) for g in goals)
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 16  # 5 comparisons + p sweep + best p vs batch + long regime + 9-15 + noise figure
+    assert len(pngs) == 16  # 5 comparisons + p sweep + best p vs batch + long regime + 9-17 + noise figure
     assert all(p.stat().st_size > 1000 for p in pngs)
     runs = sorted((out / "runs").glob("*.json"))
-    assert len(runs) == 33  # 24 + 4 short-regime p-schedule runs, 2 long-regime + 3 long p-schedule runs
+    assert len(runs) == 35  # 24 + 5 short-regime p-schedule runs, 2 long-regime + 4 long p-schedule runs
     auto = [p for p in runs if "pauto" in p.name]
     assert auto and all("noise/b_simple" in json.dumps(json.loads(p.read_text())["log_history"]) for p in auto)
     mtimes = {p: p.stat().st_mtime_ns for p in runs}
