@@ -67,10 +67,11 @@ def _split(x: float) -> tuple[float, float, float]:
     return hi, _f32(x - hi), _f32(x)
 
 
-def _window(q: float) -> tuple[float, float]:
-    """The AVX2 fast path's input range [2^-E, 2^(E+1)): there ``|q log2|x|| + 1/2 <= 125``, so 2^n and
-    P 2^n stay normal; inputs outside it (and zero, subnormal, inf, nan) take the exact per-lane path."""
-    e = 126 if abs(q) < 1e-3 else min(126, math.floor(124.5 / abs(q)) - 1)
+def _window(p: float) -> tuple[float, float]:
+    """The AVX2 fast path's input range [2^-E, 2^(E+1)), E = min(124, floor(125 / p) - 1): there |x|,
+    |x| 2^f (|f| <= 1/2) and |x|^p are all normal, so the kernel scales by 2^n with an integer add to the
+    exponent field; inputs outside it (and zero, subnormal, inf, nan) take the exact per-lane path."""
+    e = min(124, math.floor(125.0 / p) - 1)
     return math.ldexp(1.0, -e), math.ldexp(1.0, e + 1)
 
 
@@ -85,7 +86,7 @@ def constants(p: float) -> ctypes.Array:
         if len(_constants_cache) > 64:
             _constants_cache.clear()
         q = float(p) - 1.0
-        k = _constants_cache[p] = _FLOAT8(*_split(q), *_split(float(p)), *_window(q))
+        k = _constants_cache[p] = _FLOAT8(*_split(q), *_split(float(p)), *_window(float(p)))
     return k
 
 
