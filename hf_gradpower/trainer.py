@@ -31,7 +31,7 @@ from transformers.trainer_callback import ExportableState
 
 from hf_gradpower.attach import GROUP_KEY, apply_now, inner_optimizer
 from hf_gradpower.checkpoints import resolve_resume
-from hf_gradpower.noise import GradientNoiseMeter, adam_snr
+from hf_gradpower.noise import DEFAULT_NOISE_EVERY, GradientNoiseMeter, adam_snr
 from hf_gradpower.optimizers import available_optimizers, build_optimizer, resolve_name
 from hf_gradpower.p_schedule import (
     AUTO_START,
@@ -73,6 +73,10 @@ class GradPowerTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Measure and log the gradient noise scale B_simple (on for gradpower_p auto)."},
     )
+    gradpower_noise_every: int = field(
+        default=DEFAULT_NOISE_EVERY,
+        metadata={"help": "Measure the gradient noise every N-th optimizer step (the hooks are off in between)."},
+    )
     gradpower_p_every: int = field(
         default=DEFAULT_AUTO_EVERY, metadata={"help": "Steps between two auto p decisions."}
     )
@@ -89,8 +93,9 @@ class GradPowerTrainingArguments(TrainingArguments):
         self.gradpower_p = normalize_power_spec(self.gradpower_p)
         if needs_noise(self.gradpower_p):
             self.gradpower_noise = True
-        if self.gradpower_p_every < 1:
-            raise ValueError(f"gradpower_p_every must be >= 1, got {self.gradpower_p_every}")
+        for name in ("gradpower_p_every", "gradpower_noise_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gradpower_order not in ORDERS:
             raise ValueError(f"gradpower_order must be one of {ORDERS}, got {self.gradpower_order!r}")
         name = str(getattr(self.optim, "value", self.optim))
@@ -142,6 +147,7 @@ class GradPowerTrainer(Trainer):
         self.add_callback(GradPowerNoiseCallback(
             spec=spec if scheduled else None, every=getattr(self.args, "gradpower_p_every", DEFAULT_AUTO_EVERY),
             measure_noise=bool(getattr(self.args, "gradpower_noise", False)),
+            noise_every=getattr(self.args, "gradpower_noise_every", DEFAULT_NOISE_EVERY),
         ))
 
     def _noise_callback(self) -> GradPowerNoiseCallback | None:
@@ -245,14 +251,17 @@ class GradPowerTrainer(Trainer):
 class GradPowerNoiseCallback(TrainerCallback, ExportableState):
     """Measures the gradient noise and sets the scheduled p each step; its state rides in the checkpoint.
 
-    ``spec``: a p schedule (``None``: p is left alone); ``measure_noise``: run the noise meter.
+    ``spec``: a p schedule (``None``: p is left alone); ``measure_noise``: run the noise meter, on every
+    ``noise_every``-th optimizer step (its gradient hooks are removed in between, so other steps pay nothing).
     ``GradPowerTrainer`` measures in ``_clip_grad_norm`` (before phi and clipping); without clipping the
     measurement happens here, in ``on_pre_optimizer_step``, before the optimizer step applies phi.
     """
 
     def __init__(self, spec: str | float | None = None, every: int = DEFAULT_AUTO_EVERY,
-                 measure_noise: bool = True) -> None:
-        self.spec, self.every, self.measure_noise = spec, every, measure_noise
+                 measure_noise: bool = True, noise_every: int = 1) -> None:
+        if noise_every < 1:
+            raise ValueError(f"noise_every must be >= 1, got {noise_every}")
+        self.spec, self.every, self.measure_noise, self.noise_every = spec, every, measure_noise, noise_every
         self.controller = PowerController(spec, every) if spec is not None else None
         self.meter: GradientNoiseMeter | None = None
         self.saved: dict | None = None  # state from a checkpoint, applied once the optimizer exists
@@ -263,14 +272,15 @@ class GradPowerNoiseCallback(TrainerCallback, ExportableState):
             saved["meter"] = self.meter.state_dict()
         if self.controller is not None:
             saved["p"] = self.controller.state_dict()
-        return {"args": {"spec": self.spec, "every": self.every, "measure_noise": self.measure_noise},
+        return {"args": {"spec": self.spec, "every": self.every, "measure_noise": self.measure_noise,
+                         "noise_every": self.noise_every},
                 "attributes": {"saved": saved}}
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         optimizer = inner_optimizer(optimizer)
         saved = self.saved or _saved_state(state, type(self).__name__)
         if self.measure_noise and self.meter is None:
-            self.meter = GradientNoiseMeter(optimizer.param_groups, args.per_device_train_batch_size).start()
+            self.meter = GradientNoiseMeter(optimizer.param_groups, args.per_device_train_batch_size)
             if "meter" in saved:
                 self.meter.load_state_dict(saved["meter"])
         if self.controller is not None:
@@ -282,6 +292,11 @@ class GradPowerNoiseCallback(TrainerCallback, ExportableState):
         self.saved = None
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self.meter is not None:  # called once per optimizer step, before its first micro-batch
+            if state.global_step % self.noise_every == 0:
+                self.meter.start()
+            else:
+                self.meter.stop()
         if self.controller is not None:
             self.controller.apply(state.global_step)
 

@@ -137,6 +137,26 @@ def test_trainer_logs_the_scheduled_p_and_the_noise(tmp_path):
     assert "AdamPower(p=linear:1.0:1.2:10)" in card.read_text() and (tmp_path / "card" / "loss_curve.png").exists()
 
 
+def test_noise_is_measured_on_every_nth_step_only(tmp_path):
+    """gradpower_noise_every=3 over 12 steps: steps 0, 3, 6, 9 are measured, the others run without hooks."""
+    trainer = GradPowerTrainer(model=tiny_llama(), args=make_args(tmp_path, gradpower_p=1.2, gradpower_noise=True,
+                                                                   gradpower_noise_every=3), train_dataset=dataset())
+    callback = trainer._noise_callback()
+    hooked = []
+    original = callback.on_step_begin
+
+    def spy(args, state, control, **kw):
+        original(args, state, control, **kw)
+        hooked.append(bool(callback.meter._handles))
+
+    callback.on_step_begin = spy
+    trainer.train()
+    assert hooked == [s % 3 == 0 for s in range(12)]
+    assert callback.meter.steps == 4
+    with pytest.raises(ValueError, match="gradpower_noise_every must be >= 1"):
+        make_args(tmp_path, gradpower_noise_every=0)
+
+
 def test_auto_resume_reproduces_the_p_trajectory(tmp_path):
     kw = dict(gradpower_p="auto:0.8:1.5", gradpower_p_every=3, save_strategy="steps", save_steps=6)
     full = GradPowerTrainer(model=tiny_llama(), args=make_args(tmp_path / "a", **kw), train_dataset=dataset())
