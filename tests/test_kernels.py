@@ -328,6 +328,48 @@ def test_each_variant_adamw_on_phi_matches_the_float64_formula(name):
         assert torch.equal(grads[i], grads[i].clone())  # the gradient is only read
 
 
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_each_variant_adamw_update_matches_float64_over_all_magnitudes_of_v(name):
+    """The update m / (sqrt(v) ibc2 + eps) alone (g = 0, beta = 1, decay 1, step 1, theta = 0: theta' = -update)
+    against float64 for v over every decade of float32 (0, subnormals, 1e30, FLT_MAX), with tiny and usual eps:
+    within 2^-21 relative (sqrt, fma, divide: 3 roundings, 2^-23.4; an approximate rsqrt/rcp without its Newton
+    step is off by 2^-14..2^-12). Edges as IEEE sqrt and divide: v = 0 gives m / eps, v = inf gives 0,
+    nan stays nan, and eps = 0 with v = 0 gives +-inf (nan for m = 0)."""
+    kernel = _variant(name)
+    g = torch.Generator().manual_seed(11)
+    n = 40_000
+    bits = torch.randint(1, 0x7F800000, (n,), generator=g, dtype=torch.int32).view(torch.float32)  # 0 < v < inf
+    special = torch.tensor([0.0, 1.4e-45, 1e-40, 1.17549435e-38, 1e-20, 1.0, 1e30, 3.4028235e38])
+    v = torch.cat([bits, special.repeat(8)])
+    ibc2 = 1.0 / math.sqrt(1 - 0.999**3)
+    for eps in (1e-8, 1e-30):
+        ibc2_32, eps_32 = C._f32(ibc2), C._f32(eps)
+        den = v.double().sqrt() * ibc2_32 + eps_32
+        # m sized so that |update| lies in [1e-3, 1e3] (normal float32), either sign
+        scale = torch.randn(v.numel(), generator=g).double() * 10.0 ** torch.empty(v.numel()).uniform_(-3, 3, generator=g)
+        m = (den * scale).float()
+        want = m.double() / den
+        hyper = (ctypes.c_float * 8)(1.0, 1.0, 0.0, 1.0, 0.0, 1.0, ibc2, eps)
+        theta, ms, vs = torch.zeros_like(v), m.clone(), v.clone()
+        kernel.adamw_power_many([theta], [torch.zeros_like(v)], [ms], [vs], 1.2, hyper, 2)
+        assert torch.equal(ms, m) and torch.equal(vs, v)
+        rel = ((-theta.double() - want).abs() / want.abs()).max().item()
+        assert rel <= 2.0**-21, f"{kernel.impl} eps={eps}: relative error {rel:.3g} = 2^{math.log2(rel):.2f}"
+    m = torch.tensor([3e-3, -2e-9, 0.0, 1.0, -1.0, 0.0, 5.0, 7.0])
+    v = torch.tensor([0.0, 0.0, float("inf"), float("inf"), 1e-12, float("nan"), 0.0, 0.0])
+    eps = [1e-8] * 6 + [0.0, 0.0]
+    want = [3e-3 / 1e-8, -2e-9 / 1e-8, 0.0, 0.0, -1.0 / (1e-6 * ibc2 + 1e-8), math.nan, math.inf, math.inf]
+    for i in range(8):
+        theta = torch.zeros(1)
+        hyper = (ctypes.c_float * 8)(1.0, 1.0, 0.0, 1.0, 0.0, 1.0, ibc2, eps[i])
+        kernel.adamw_power_many([theta], [torch.zeros(1)], [m[i : i + 1].clone()], [v[i : i + 1].clone()], 1.2, hyper, 1)
+        got = -theta.item()
+        if math.isnan(want[i]) or math.isinf(want[i]):
+            assert (math.isnan(got) and math.isnan(want[i])) or got == want[i], (i, got, want[i])
+        else:
+            assert got == pytest.approx(want[i], rel=2e-6, abs=0), (i, got, want[i])
+
+
 def test_portable_loop_auto_vectorises_without_libm_calls():
     """gcc reports both portable loops vectorised (what NEON gets on ARM): no libm call blocks it."""
     cc = C._find_compiler()
