@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         "logging_steps": args.logging_steps, "target": TARGET, "setup": f"tiny LLaMA, AdamPower, batch {MICRO * ACCUM} = {ACCUM} x {MICRO}, seq {SEQ}",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"noise_overhead_every{args.every}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"noise_overhead_every{args.every}_{torch.get_num_threads()}threads.json").write_text(json.dumps(result, indent=1))
     print(f"[noise_overhead] {result['cpu']} ({result['isa']}, {result['threads']} threads), {result['setup']}: "
           f"step {result['median_off_s'] * 1e3:.1f} ms off, {result['median_on_s'] * 1e3:.1f} ms on; overhead "
           f"median {result['median_overhead']:+.2%} (IQR {result['q1_overhead']:+.2%} .. "

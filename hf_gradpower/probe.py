@@ -90,7 +90,9 @@ def recommendation(callback: GradPowerNoiseCallback, facts: dict, optim: str, st
         regime, why = "signal-dominated", "Example 4.1's best p is at or below 1 (p > 1 would shrink the update)"
     sentence = (f"[probe] measured B_simple = {total['b_simple']:.3g} sequences vs your batch of {batch} "
                 f"(noise/batch {ratio:.2f}) after {steps} steps: {regime}, {why}; recommended p = {p:g} "
-                f"(clamped to {AUTO_RANGE[0]}-{AUTO_RANGE[1]}; or let GradPower follow it: --gradpower_p auto).")
+                f"for this noise (clamped to {AUTO_RANGE[0]}-{AUTO_RANGE[1]}). The noise grows as training goes on, and "
+                "in our CPU reproduction the p that won depended on the run's length (p = 1.2 lost to AdamW over "
+                "the first ~300 steps and led from ~400 on): see README, Reproduction at CPU scale.")
     return {
         "model_config": facts.get("model_config"), "optim": optim, "steps": steps, "batch_size": batch,
         "micro_batch_size": meter.micro_batch_size, "b_simple": total["b_simple"], "grad_sq": total["grad_sq"],
