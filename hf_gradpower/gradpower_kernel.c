@@ -6,8 +6,9 @@
                 table (a float pair) + quartic for log2 m, scalef.     ~32 vector ops per 16 floats
      GP_IMPL 3  AVX2 + FMA (x86-64-v3): q-form x 2^(q e + q log2 m), q = p - 1, exponent and mantissa by
                 integer ops, polynomials only (no gathers: they are slow on AMD), log2 polynomial of degree 7,
-                8 or 9 by |q|, 2^n by an integer add.  32 / 33 / 34 vector ops per 8 floats (17 / 18 / 19 of
-                them fma/mul; counted in gcc 12's loop, window check included)
+                8 or 9 by |q| and the exp2 one evaluated by pairs (Estrin: about half the dependent fmas of
+                Horner), 2^n by an integer add, four vectors per loop iteration.  About 34 / 36 / 37 vector ops
+                per 8 floats (19 / 21 / 22 of them fma/mul; window check included)
      GP_IMPL 1  portable C (ARM NEON, other ISAs, or -DGP_PORTABLE): the same q-form per element, written so
                 that the compiler auto-vectorises it (no libm calls in the loop).
    k[0..2] = (qh, ql, qf): q = p - 1 split so that qh * e is exact; k[3..5] = (ph, pl, pf): the same split of p.
@@ -197,7 +198,8 @@ static void kern_adamw(float *restrict pp, const float *restrict gp, float *rest
    in absolute error (Lawson's iteratively reweighted least squares in numpy, float64, 1e5 points). The error
    enters the result as ln2 |q| err, so the degree is chosen per call from |q| (gp_init): 9 for |q| > 0.5,
    8 for |q| in (0.25, 0.5], 7 for |q| <= 0.25 (p in [0.75, 1.25], the default 1.2 included); the dense sweep
-   of tests/test_kernels.py gives at most 1.16 ulp for p in [0.5, 1.5], 1.30 on a 10x larger one (degree 9: 1.23).
+   of tests/test_kernels.py gives at most 1.24 ulp for p in [0.5, 1.5] with the Estrin evaluation (Horner: 1.16,
+   1.30 on a 10x larger sweep, degree 9: 1.23; the whole-sweep maximum, 2.06 at p = 3.9, is unchanged).
    gp_init multiplies them by q in double and rounds once (q log2 m directly, no separate multiply by q). */
 #define GP_Q7 0.25
 #define GP_Q8 0.5
@@ -251,18 +253,29 @@ static inline __attribute__((always_inline)) __m256 gp_pow8(__m256 x, __m256 ax,
   __m256 m = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_and_si256(ab, _mm256_set1_epi32(0x007fffff)),
                                                   _mm256_set1_epi32(0x3f3504f3)));   /* [C, 2C) */
   __m256 t = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));                                /* exact */
-  __m256 QL = c->lq[deg - 1];
-  for (int i = deg - 2; i >= 0; i--) QL = _mm256_fmadd_ps(QL, t, c->lq[i]);
+  /* QL = c0 + t R(t), R = c1 + c2 t + ... by pairs (Estrin), c0 added last (its rounding alone at that scale) */
+  __m256 s = _mm256_mul_ps(t, t);
+  __m256 P[4];
+  for (int j = 0; j < (deg - 1) / 2; j++) P[j] = _mm256_fmadd_ps(c->lq[2 * j + 2], t, c->lq[2 * j + 1]);
+  __m256 R;
+  if (deg == 7) {        /* c1..c6: P0 + s (P1 + s P2) */
+    R = _mm256_fmadd_ps(_mm256_fmadd_ps(P[2], s, P[1]), s, P[0]);
+  } else if (deg == 8) { /* c1..c7: (P0 + s P1) + s^2 (P2 + s c7) */
+    R = _mm256_fmadd_ps(_mm256_fmadd_ps(c->lq[7], s, P[2]), _mm256_mul_ps(s, s), _mm256_fmadd_ps(P[1], s, P[0]));
+  } else {               /* c1..c8: (P0 + s P1) + s^2 (P2 + s P3) */
+    R = _mm256_fmadd_ps(_mm256_fmadd_ps(P[3], s, P[2]), _mm256_mul_ps(s, s), _mm256_fmadd_ps(P[1], s, P[0]));
+  }
+  __m256 QL = _mm256_fmadd_ps(R, t, c->lq[0]);
   /* QL t = q log2 m, never rounded on its own: y = ph + QL t and f' = (ph - n) + QL t are single fmas */
   __m256 ph = _mm256_mul_ps(c->qh, ef);                                              /* exact */
   __m256 tn = _mm256_add_ps(_mm256_fmadd_ps(QL, t, ph), _mm256_set1_ps(GP_MAGIC));
   __m256 n = _mm256_sub_ps(tn, _mm256_set1_ps(GP_MAGIC));
   __m256 f = _mm256_fmadd_ps(c->ql, ef, _mm256_fmadd_ps(QL, t, _mm256_sub_ps(ph, n)));
-  __m256 Q = _mm256_fmadd_ps(_mm256_set1_ps(GP_X6), f, _mm256_set1_ps(GP_X5));
-  Q = _mm256_fmadd_ps(Q, f, _mm256_set1_ps(GP_X4));
-  Q = _mm256_fmadd_ps(Q, f, _mm256_set1_ps(GP_X3));
-  Q = _mm256_fmadd_ps(Q, f, _mm256_set1_ps(GP_X2));
-  Q = _mm256_fmadd_ps(Q, f, _mm256_set1_ps(GP_X1));
+  /* (X1 + X2 f) + f^2 ((X3 + X4 f) + f^2 (X5 + X6 f)) */
+  __m256 f2 = _mm256_mul_ps(f, f);
+  __m256 Q = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(GP_X6), f, _mm256_set1_ps(GP_X5)), f2,
+                                             _mm256_fmadd_ps(_mm256_set1_ps(GP_X4), f, _mm256_set1_ps(GP_X3))), f2,
+                             _mm256_fmadd_ps(_mm256_set1_ps(GP_X2), f, _mm256_set1_ps(GP_X1)));
   __m256 u = _mm256_fmadd_ps(Q, _mm256_mul_ps(f, x), x);                             /* x 2^f */
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(u),
                                               _mm256_slli_epi32(_mm256_castps_si256(tn), 23)));
@@ -309,6 +322,29 @@ static inline __attribute__((always_inline)) void gp_phi16(float *p, const gp_co
   _mm256_storeu_ps(p + 8, x1);
 }
 
+/* phi of four vectors held in registers, one window test for all of them: four independent chains in flight
+   per loop iteration (kern: with the shorter polynomial chains 0.72 -> 0.67 ns/element; kern_adamw: the sqrt
+   and divide of the AdamW tail overlap the next phi, 46 -> 34 ms on 34M floats, Zen 4, 1 thread) */
+static inline __attribute__((always_inline)) void gp_phi32v(__m256 *x, const gp_consts *c, int deg) {
+  __m256 a[4];
+  for (int j = 0; j < 4; j++) a[j] = gp_abs8(x[j]);
+  __m256i bad = _mm256_or_si256(_mm256_or_si256(gp_bad8(a[0], c), gp_bad8(a[1], c)),
+                                _mm256_or_si256(gp_bad8(a[2], c), gp_bad8(a[3], c)));
+  if (__builtin_expect(!_mm256_testz_si256(bad, bad), 0)) {
+    for (int j = 0; j < 4; j++) x[j] = gp_phi8(x[j], c, deg);
+  } else {
+    for (int j = 0; j < 4; j++) x[j] = gp_pow8(x[j], a[j], c, deg);
+  }
+}
+
+/* 32 floats in place */
+static inline __attribute__((always_inline)) void gp_phi32(float *p, const gp_consts *c, int deg) {
+  __m256 x[4];
+  for (int j = 0; j < 4; j++) x[j] = _mm256_loadu_ps(p + 8 * j);
+  gp_phi32v(x, c, deg);
+  for (int j = 0; j < 4; j++) _mm256_storeu_ps(p + 8 * j, x[j]);
+}
+
 /* one copy of a loop per polynomial degree, so that deg is a constant inside it */
 #define GP_BY_DEG(c, LOOP) \
   do { if ((c).deg == 7) { LOOP(7); } else if ((c).deg == 8) { LOOP(8); } else { LOOP(9); } } while (0)
@@ -318,6 +354,7 @@ static void kern(float *restrict x, int64_t n, const float *k) {
   gp_init(&c, k);
   int64_t i = 0;
 #define GP_PHI_LOOP(D)                                     \
+  for (; i + 32 <= n; i += 32) gp_phi32(x + i, &c, D);     \
   for (; i + 16 <= n; i += 16) gp_phi16(x + i, &c, D);     \
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, gp_phi8(_mm256_loadu_ps(x + i), &c, D))
   GP_BY_DEG(c, GP_PHI_LOOP);
@@ -334,6 +371,25 @@ static void kern_adamw(float *restrict pp, const float *restrict gp, float *rest
                ibc2 = _mm256_set1_ps(h[6]), eps = _mm256_set1_ps(h[7]);
   int64_t i = 0;
 #define GP_ADAMW_LOOP(D)                                                                          \
+  for (; i + 32 <= n; i += 32) {                                                                  \
+    __m256 g4[4];                                                                                 \
+    for (int j = 0; j < 4; j++) g4[j] = _mm256_loadu_ps(gp + i + 8 * j);                          \
+    gp_phi32v(g4, &c, D);                                                                         \
+    for (int j = 0; j < 4; j++) {                                                                 \
+      __m256 g = g4[j];                                                                           \
+      float *P_ = pp + i + 8 * j, *M_ = mp + i + 8 * j, *V_ = vp + i + 8 * j;                     \
+      __m256 p = _mm256_mul_ps(_mm256_loadu_ps(P_), decay);                                       \
+      __m256 m = _mm256_fmadd_ps(_mm256_loadu_ps(M_), b1, _mm256_mul_ps(g, omb1));                \
+      __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(V_), b2, _mm256_mul_ps(_mm256_mul_ps(g, g), omb2)); \
+      __m256 den = _mm256_fmadd_ps(_mm256_sqrt_ps(v), ibc2, eps);                                 \
+      p = _mm256_fnmadd_ps(step, _mm256_div_ps(m, den), p);                                       \
+      _mm256_storeu_ps(M_, m);                                                                    \
+      _mm256_storeu_ps(V_, v);                                                                    \
+      _mm256_storeu_ps(P_, p);                                                                    \
+    }                                                                                             \
+  }                                                                                               \
+  GP_ADAMW_LOOP1(D)
+#define GP_ADAMW_LOOP1(D)                                                                         \
   for (; i + 8 <= n; i += 8) {                                                                    \
     __m256 g = gp_phi8(_mm256_loadu_ps(gp + i), &c, D);                                           \
     __m256 p = _mm256_mul_ps(_mm256_loadu_ps(pp + i), decay);                                     \
@@ -347,6 +403,7 @@ static void kern_adamw(float *restrict pp, const float *restrict gp, float *rest
   }
   GP_BY_DEG(c, GP_ADAMW_LOOP);
 #undef GP_ADAMW_LOOP
+#undef GP_ADAMW_LOOP1
   for (; i < n; i++) {
     float g = gp_phi1(gp[i], k[0], k[1], k[2]);
     float m = fmaf(mp[i], h[1], g * h[2]), v = fmaf(vp[i], h[3], (g * g) * h[4]);
