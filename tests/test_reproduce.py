@@ -179,7 +179,7 @@ def test_smoke_suite_and_resume(tmp_path):
     goals = [line for line in text.splitlines() if line.startswith("- Goal (")]
     assert len(goals) == 4 and all(("**met**" in g) != ("not met: " in g) for g in goals)
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 16  # 5 comparisons + p sweep + best p vs batch + long regime + 9-17 + noise figure
+    assert len(pngs) == 18  # 5 comparisons + p sweep + best p vs batch + long regime + 9-17 + noise figure
     assert all(p.stat().st_size > 1000 for p in pngs)
     runs = sorted((out / "runs").glob("*.json"))
     assert len(runs) == 35  # 24 + 5 short-regime p-schedule runs, 2 long-regime + 4 long p-schedule runs
