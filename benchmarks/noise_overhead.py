@@ -16,6 +16,7 @@ timed on its own and reported per call and as a share of ``--logging_steps`` ste
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -74,14 +75,14 @@ def main(argv: list[str] | None = None) -> dict:
     meter = GradientNoiseMeter(optimizer.param_groups, micro_batch_size=MICRO)
     gen = torch.Generator().manual_seed(0)
 
-    counter = iter(range(10**9))
+    on_steps = itertools.count()  # index of each step taken with the meter on
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     def step(on: bool) -> float:
         ids = torch.randint(0, config.vocab_size, (ACCUM, MICRO, SEQ), generator=gen)
         t0 = clock()
-        if on and next(counter) % args.every == 0:  # what GradPowerTrainer does at each step's begin
+        if on and next(on_steps) % args.every == 0:  # what GradPowerTrainer does at each step's begin
             meter.start()
         elif on:
             meter.stop()

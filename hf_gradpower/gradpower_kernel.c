@@ -306,22 +306,6 @@ static inline __attribute__((always_inline)) __m256 gp_phi8(__m256 x, const gp_c
   return gp_pow8(x, ax, c, deg);
 }
 
-/* 16 floats in place, one window test for both vectors (about 4% faster than gp_phi8 twice on Zen 4) */
-static inline __attribute__((always_inline)) void gp_phi16(float *p, const gp_consts *c, int deg) {
-  __m256 x0 = _mm256_loadu_ps(p), x1 = _mm256_loadu_ps(p + 8);
-  __m256 a0 = gp_abs8(x0), a1 = gp_abs8(x1);
-  __m256i bad = _mm256_or_si256(gp_bad8(a0, c), gp_bad8(a1, c));
-  if (__builtin_expect(!_mm256_testz_si256(bad, bad), 0)) {
-    x0 = gp_phi8(x0, c, deg);
-    x1 = gp_phi8(x1, c, deg);
-  } else {
-    x0 = gp_pow8(x0, a0, c, deg);
-    x1 = gp_pow8(x1, a1, c, deg);
-  }
-  _mm256_storeu_ps(p, x0);
-  _mm256_storeu_ps(p + 8, x1);
-}
-
 /* phi of four vectors held in registers, one window test for all of them: four independent chains in flight
    per loop iteration (kern: with the shorter polynomial chains 0.72 -> 0.67 ns/element; kern_adamw: the sqrt
    and divide of the AdamW tail overlap the next phi, 46 -> 34 ms on 34M floats, Zen 4, 1 thread) */
@@ -355,55 +339,44 @@ static void kern(float *restrict x, int64_t n, const float *k) {
   int64_t i = 0;
 #define GP_PHI_LOOP(D)                                     \
   for (; i + 32 <= n; i += 32) gp_phi32(x + i, &c, D);     \
-  for (; i + 16 <= n; i += 16) gp_phi16(x + i, &c, D);     \
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, gp_phi8(_mm256_loadu_ps(x + i), &c, D))
   GP_BY_DEG(c, GP_PHI_LOOP);
 #undef GP_PHI_LOOP
   for (; i < n; i++) x[i] = gp_phi1(x[i], k[0], k[1], k[2]);
 }
 
+/* AdamW on 8 lanes given g = phi_p(grad) in registers (h's row, see gp_adamw_power_many) */
+typedef struct { __m256 decay, b1, omb1, b2, omb2, step, ibc2, eps; } gp_hyper;
+
+static inline __attribute__((always_inline)) void gp_adamw8(float *pp, __m256 g, float *mp, float *vp,
+                                                            const gp_hyper *a) {
+  __m256 p = _mm256_mul_ps(_mm256_loadu_ps(pp), a->decay);
+  __m256 m = _mm256_fmadd_ps(_mm256_loadu_ps(mp), a->b1, _mm256_mul_ps(g, a->omb1));
+  __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(vp), a->b2, _mm256_mul_ps(_mm256_mul_ps(g, g), a->omb2));
+  __m256 den = _mm256_fmadd_ps(_mm256_sqrt_ps(v), a->ibc2, a->eps);
+  p = _mm256_fnmadd_ps(a->step, _mm256_div_ps(m, den), p);
+  _mm256_storeu_ps(mp, m);
+  _mm256_storeu_ps(vp, v);
+  _mm256_storeu_ps(pp, p);
+}
+
 static void kern_adamw(float *restrict pp, const float *restrict gp, float *restrict mp, float *restrict vp,
                        int64_t n, const float *k, const float *h) {
   gp_consts c;
   gp_init(&c, k);
-  const __m256 decay = _mm256_set1_ps(h[0]), b1 = _mm256_set1_ps(h[1]), omb1 = _mm256_set1_ps(h[2]),
-               b2 = _mm256_set1_ps(h[3]), omb2 = _mm256_set1_ps(h[4]), step = _mm256_set1_ps(h[5]),
-               ibc2 = _mm256_set1_ps(h[6]), eps = _mm256_set1_ps(h[7]);
+  const gp_hyper a = {_mm256_set1_ps(h[0]), _mm256_set1_ps(h[1]), _mm256_set1_ps(h[2]), _mm256_set1_ps(h[3]),
+                       _mm256_set1_ps(h[4]), _mm256_set1_ps(h[5]), _mm256_set1_ps(h[6]), _mm256_set1_ps(h[7])};
   int64_t i = 0;
 #define GP_ADAMW_LOOP(D)                                                                          \
   for (; i + 32 <= n; i += 32) {                                                                  \
     __m256 g4[4];                                                                                 \
     for (int j = 0; j < 4; j++) g4[j] = _mm256_loadu_ps(gp + i + 8 * j);                          \
     gp_phi32v(g4, &c, D);                                                                         \
-    for (int j = 0; j < 4; j++) {                                                                 \
-      __m256 g = g4[j];                                                                           \
-      float *P_ = pp + i + 8 * j, *M_ = mp + i + 8 * j, *V_ = vp + i + 8 * j;                     \
-      __m256 p = _mm256_mul_ps(_mm256_loadu_ps(P_), decay);                                       \
-      __m256 m = _mm256_fmadd_ps(_mm256_loadu_ps(M_), b1, _mm256_mul_ps(g, omb1));                \
-      __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(V_), b2, _mm256_mul_ps(_mm256_mul_ps(g, g), omb2)); \
-      __m256 den = _mm256_fmadd_ps(_mm256_sqrt_ps(v), ibc2, eps);                                 \
-      p = _mm256_fnmadd_ps(step, _mm256_div_ps(m, den), p);                                       \
-      _mm256_storeu_ps(M_, m);                                                                    \
-      _mm256_storeu_ps(V_, v);                                                                    \
-      _mm256_storeu_ps(P_, p);                                                                    \
-    }                                                                                             \
+    for (int j = 0; j < 4; j++) gp_adamw8(pp + i + 8 * j, g4[j], mp + i + 8 * j, vp + i + 8 * j, &a); \
   }                                                                                               \
-  GP_ADAMW_LOOP1(D)
-#define GP_ADAMW_LOOP1(D)                                                                         \
-  for (; i + 8 <= n; i += 8) {                                                                    \
-    __m256 g = gp_phi8(_mm256_loadu_ps(gp + i), &c, D);                                           \
-    __m256 p = _mm256_mul_ps(_mm256_loadu_ps(pp + i), decay);                                     \
-    __m256 m = _mm256_fmadd_ps(_mm256_loadu_ps(mp + i), b1, _mm256_mul_ps(g, omb1));              \
-    __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(vp + i), b2, _mm256_mul_ps(_mm256_mul_ps(g, g), omb2)); \
-    __m256 den = _mm256_fmadd_ps(_mm256_sqrt_ps(v), ibc2, eps);                                   \
-    p = _mm256_fnmadd_ps(step, _mm256_div_ps(m, den), p);                                         \
-    _mm256_storeu_ps(mp + i, m);                                                                  \
-    _mm256_storeu_ps(vp + i, v);                                                                  \
-    _mm256_storeu_ps(pp + i, p);                                                                  \
-  }
+  for (; i + 8 <= n; i += 8) gp_adamw8(pp + i, gp_phi8(_mm256_loadu_ps(gp + i), &c, D), mp + i, vp + i, &a)
   GP_BY_DEG(c, GP_ADAMW_LOOP);
 #undef GP_ADAMW_LOOP
-#undef GP_ADAMW_LOOP1
   for (; i < n; i++) {
     float g = gp_phi1(gp[i], k[0], k[1], k[2]);
     float m = fmaf(mp[i], h[1], g * h[2]), v = fmaf(vp[i], h[3], (g * g) * h[4]);
