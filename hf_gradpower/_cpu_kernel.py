@@ -34,9 +34,11 @@ import torch
 SOURCE = Path(__file__).with_name("gradpower_kernel.c")
 # Range of p the kernel accepts; outside it the eager path is used (nothing in GradPower needs more).
 FAST_P_MAX = 4.0
-# Maximum error (ulp, see max_ulp_error) per implementation: the measured maximum over tests/test_kernels.py's
-# dense sweep of p in (0, FAST_P_MAX] and x and a 10x larger one (1.08, 2.10, 2.11), rounded up; tests assert it.
-ULP_BOUNDS = {"c-avx512": 1.1, "c-avx2": 2.2, "c-autovec": 2.2}
+# Maximum error (ulp, see max_ulp_error) per implementation, rounded up from the largest measured: p in steps of
+# 0.005 over (0, FAST_P_MAX] and 0.002 over [2, 4], 920k values of x (tests/test_kernels.py's sweep plus random
+# gradients and bit patterns): 1.22 / 2.54 / 2.54, the latter two at p = 3.992 in the per-lane path; for p in
+# [0.5, 1.5] 1.11 / 1.59 / 1.42. The test's own sweep (86 values of p) reaches 1.08 / 2.06 / 2.06 and asserts these.
+ULP_BOUNDS = {"c-avx512": 1.3, "c-avx2": 2.6, "c-autovec": 2.6}
 ULP_BOUND = max(ULP_BOUNDS.values())
 _VALIDATION_ULP = 4.0
 

@@ -213,9 +213,9 @@ static void kern_adamw(float *restrict pp, const float *restrict gp, float *rest
 /* log2(1 + t) = t (c1 + c2 t + ... + cd t^(d-1)) on t in [C - 1, 2C - 1), C = 0x3f3504f3 as a float: minimax
    in absolute error (Lawson's iteratively reweighted least squares in numpy, float64, 1e5 points). The error
    enters the result as ln2 |q| err, so the degree is chosen per call from |q| (gp_init): 9 for |q| > 0.5,
-   8 for |q| in (0.25, 0.5], 7 for |q| <= 0.25 (p in [0.75, 1.25], the default 1.2 included); the dense sweep
-   of tests/test_kernels.py gives at most 1.24 ulp for p in [0.5, 1.5] with the Estrin evaluation (Horner: 1.16,
-   1.30 on a 10x larger sweep, degree 9: 1.23; the whole-sweep maximum, 2.06 at p = 3.9, is unchanged).
+   8 for |q| in (0.25, 0.5], 7 for |q| <= 0.25 (p in [0.75, 1.25], the default 1.2 included). Max error for
+   p in [0.5, 1.5]: 1.27 ulp on tests/test_kernels.py's sweep, 1.59 on a denser one (p step 0.005, 920k x; 1.42
+   before the short form of gp_pow8); over all p the maximum, 2.54 at p = 3.992, is in the per-lane path.
    gp_init multiplies them by q in double and rounds once (q log2 m directly, no separate multiply by q). */
 #define GP_Q7 0.25
 #define GP_Q8 0.5
