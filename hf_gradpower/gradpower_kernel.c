@@ -3,12 +3,12 @@
 
    One of three implementations is compiled, chosen by what the compiler targets:
      GP_IMPL 2  AVX-512F/DQ (x86-64-v4): p-form 2^(p e + p log2 m), getexp/getmant, 32-entry in-register
-                table (a float pair) + quartic for log2 m, scalef.     ~32 vector ops per 16 floats
+                table (a float pair) + quartic for log2 m, scalef.     ~30 vector ops per 16 floats
      GP_IMPL 3  AVX2 + FMA (x86-64-v3): q-form x 2^(q e + q log2 m), q = p - 1, exponent and mantissa by
                 integer ops, polynomials only (no gathers: they are slow on AMD), log2 polynomial of degree 7,
                 8 or 9 by |q| and the exp2 one evaluated by pairs (Estrin: about half the dependent fmas of
-                Horner), 2^n by an integer add, four vectors per loop iteration.  About 34 / 36 / 37 vector ops
-                per 8 floats (19 / 21 / 22 of them fma/mul; window check included)
+                Horner), 2^n by an integer add, four vectors per loop iteration.  About 33 / 36 / 37 vector ops
+                per 8 floats (18 / 21 / 22 of them fma/mul; window check included)
      GP_IMPL 1  portable C (ARM NEON, other ISAs, or -DGP_PORTABLE): the same q-form per element, written so
                 that the compiler auto-vectorises it (no libm calls in the loop).
    k[0..2] = (qh, ql, qf): q = p - 1 split so that qh * e is exact; k[3..5] = (ph, pl, pf): the same split of p.
