@@ -234,20 +234,11 @@ static const double gp_log9[9] = {1.4426948685570822, -0.7213471284648025, 0.480
                                   -0.36072119567407507, 0.28765667863683947, -0.2385194310408956,
                                   0.21737934440694914, -0.21030337639247557, 0.12541258602245814};  /* 6.7e-9 */
 /* 2^f - 1 = f (x1 + x2 f + ... + x6 f^5): minimax in relative error (same method, Chebyshev-spaced points), each
-   coefficient rounded to float32 in turn and the higher ones refitted. GP_X*: |f| <= 0.5 + 2^-16, rel. error
-   3.0e-9; GP_W*: |f| <= 0.64 (the short form's range, gp_pow8), rel. error 1.3e-8 */
-#define GP_X1 0.6931471824645996f
-#define GP_X2 0.24022647738456726f
-#define GP_X3 0.05550359934568405f
-#define GP_X4 0.009618505835533142f
-#define GP_X5 0.0013390807434916496f
-#define GP_X6 0.0001532645255792886f
-#define GP_W1 0.6931473f
-#define GP_W2 0.2402265f
-#define GP_W3 0.05550192f
-#define GP_W4 0.009618256f
-#define GP_W5 0.0013441133f
-#define GP_W6 0.00015418118f
+   coefficient rounded to float32 in turn and the higher ones refitted. gp_x: |f| <= 0.5 + 2^-16, rel. error
+   3.0e-9; gp_w: |f| <= 0.64 (the short form's range, gp_pow8), rel. error 1.3e-8 */
+static const float gp_x[6] = {0.6931471824645996f, 0.24022647738456726f, 0.05550359934568405f,
+                               0.009618505835533142f, 0.0013390807434916496f, 0.0001532645255792886f};
+static const float gp_w[6] = {0.6931473f, 0.2402265f, 0.05550192f, 0.009618256f, 0.0013441133f, 0.00015418118f};
 /* y + GP_MAGIC rounds y to an integer n (|y| < 2^22: the sum lies in [2^23, 2^24), where the float spacing is
    1, round to nearest even) and (y + GP_MAGIC) - GP_MAGIC = n exactly. The low bits of y + GP_MAGIC are
    0x4b400000 + n, so shifting them left by 23 gives n << 23 (0x4b400000 << 23 is 0 mod 2^32): the integer that
@@ -275,9 +266,9 @@ static void gp_init(gp_consts *c, const float *k) {
    y = q (e + L) = n + f with qh e exact and the small terms (q L, ql e) added last. Two forms:
    * short (deg 7, i.e. |q| <= 1/4): n = round(qh e) from the exponent alone, so the rounding is off the
      dependency chain: f = ((qh e - n) + ql e) + QL t, |f| <= 1/2 + |q| / 2 + |ql| E < 0.64 (|log2 m| <= 1/2,
-     |ql| <= 2^-12 |q|), the GP_W polynomial. phi alone 0.67 -> 0.52 ns/element (Zen 4, 1 thread, in L2).
+     |ql| <= 2^-12 |q|), the gp_w polynomial. phi alone 0.67 -> 0.52 ns/element (Zen 4, 1 thread, in L2).
    * long (|q| > 1/4, where |q| / 2 would widen f too far): n = round(y), f = ((qh e - n) + QL t) + ql e,
-     |f| <= 1/2 + 2^-18 (in the window |y| < 128, so fl(y) is within 2^-18 of y), the GP_X polynomial.
+     |f| <= 1/2 + 2^-18 (in the window |y| < 128, so fl(y) is within 2^-18 of y), the gp_x polynomial.
    Result (x + (x f) Q(f)) 2^n: one rounding (the fma), the sign comes with x, and the scaling by 2^n is exact
    (an integer add to the exponent field). deg is a constant where it is inlined (one loop per degree). */
 static inline __attribute__((always_inline)) __m256 gp_pow8(__m256 x, __m256 ax, const gp_consts *c, int deg) {
@@ -301,25 +292,22 @@ static inline __attribute__((always_inline)) __m256 gp_pow8(__m256 x, __m256 ax,
   __m256 QL = _mm256_fmadd_ps(R, t, c->lq[0]);
   /* QL t = q log2 m, never rounded on its own: it enters f through one fma */
   __m256 ph = _mm256_mul_ps(c->qh, ef);                                              /* exact */
-  __m256 tn, f, Q;
+  __m256 tn, f;
   if (deg == 7) {
     tn = _mm256_add_ps(ph, _mm256_set1_ps(GP_MAGIC));
     __m256 n = _mm256_sub_ps(tn, _mm256_set1_ps(GP_MAGIC));
     f = _mm256_fmadd_ps(QL, t, _mm256_fmadd_ps(c->ql, ef, _mm256_sub_ps(ph, n)));
-    /* (W1 + W2 f) + f^2 ((W3 + W4 f) + f^2 (W5 + W6 f)) */
-    __m256 f2 = _mm256_mul_ps(f, f);
-    Q = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(GP_W6), f, _mm256_set1_ps(GP_W5)), f2,
-                                        _mm256_fmadd_ps(_mm256_set1_ps(GP_W4), f, _mm256_set1_ps(GP_W3))), f2,
-                        _mm256_fmadd_ps(_mm256_set1_ps(GP_W2), f, _mm256_set1_ps(GP_W1)));
   } else {
     tn = _mm256_add_ps(_mm256_fmadd_ps(QL, t, ph), _mm256_set1_ps(GP_MAGIC));
     __m256 n = _mm256_sub_ps(tn, _mm256_set1_ps(GP_MAGIC));
     f = _mm256_fmadd_ps(c->ql, ef, _mm256_fmadd_ps(QL, t, _mm256_sub_ps(ph, n)));
-    __m256 f2 = _mm256_mul_ps(f, f);
-    Q = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(GP_X6), f, _mm256_set1_ps(GP_X5)), f2,
-                                        _mm256_fmadd_ps(_mm256_set1_ps(GP_X4), f, _mm256_set1_ps(GP_X3))), f2,
-                        _mm256_fmadd_ps(_mm256_set1_ps(GP_X2), f, _mm256_set1_ps(GP_X1)));
   }
+  /* Q = (w1 + w2 f) + f^2 ((w3 + w4 f) + f^2 (w5 + w6 f)), 2^f = 1 + f Q */
+  const float *w = deg == 7 ? gp_w : gp_x;
+  __m256 f2 = _mm256_mul_ps(f, f);
+  __m256 Q = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(w[5]), f, _mm256_set1_ps(w[4])), f2,
+                                             _mm256_fmadd_ps(_mm256_set1_ps(w[3]), f, _mm256_set1_ps(w[2]))), f2,
+                             _mm256_fmadd_ps(_mm256_set1_ps(w[1]), f, _mm256_set1_ps(w[0])));
   __m256 u = _mm256_fmadd_ps(Q, _mm256_mul_ps(f, x), x);                             /* x 2^f */
   return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(u),
                                               _mm256_slli_epi32(_mm256_castps_si256(tn), 23)));
