@@ -53,7 +53,6 @@ _TABLE_CACHE_SIZE = 64
 
 
 @functools.cache
-@functools.cache
 def triton_available() -> bool:
     """Whether ``triton`` imports (it ships with torch's CUDA/ROCm/XPU wheels; the CPU wheel lacks it).
 
