@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_gradpower.model_card import RUN_INFO_FILE, label_of
+from hf_gradpower.model_card import RUN_INFO_FILE, label_of, with_eval_results
 
 PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "openbookqa", "winogrande", "piqa")
 # Tiny offline tasks shipped with the package (hand-written items in the tasks' schemas), always registered.
@@ -325,8 +325,15 @@ def card_section(table: dict, tasks_note: str = "") -> str:
     return body
 
 
-def update_model_card(ckpt_dir: str | Path, section: str) -> Path:
-    """Append the section to README.md, or replace an earlier one (up to the next ``## `` heading)."""
+def card_scores(table: dict, column: int) -> list[tuple[str, str, float]]:
+    """(task, metric, value in %) of one checkpoint's column, for the card's ``model-index``."""
+    return [(row["task"], row["metric"].rstrip(FALLBACK_MARK), 100 * row["cells"][column]["value"])
+            for row in table["rows"] if row["task"] != "Average" and row["cells"][column]["value"] is not None]
+
+
+def update_model_card(ckpt_dir: str | Path, section: str, scores: list[tuple[str, str, float]] = ()) -> Path:
+    """Append the section to README.md, or replace an earlier one (up to the next ``## `` heading); with
+    ``scores``, the card's front matter gets them as ``model-index`` results."""
     readme = Path(ckpt_dir) / "README.md"
     text = readme.read_text() if readme.exists() else ""
     pattern = re.compile(rf"^{re.escape(CARD_SECTION)}\s*$.*?(?=^## |\Z)", re.S | re.M)
@@ -335,6 +342,8 @@ def update_model_card(ckpt_dir: str | Path, section: str) -> Path:
         text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip("\n") + "\n"
     else:
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
+    if scores:
+        text = with_eval_results(text, Path(ckpt_dir).resolve().name, list(scores))
     readme.write_text(text)
     return readme
 
@@ -397,7 +406,7 @@ def run(checkpoints: list[str], tasks=None, include_path=None, limit=None, num_f
         note = f", {num_fewshot}-shot" if num_fewshot else ""
         note += f", limit={limit}" if limit else ""
         section = card_section(table, note)
-        readmes = [update_model_card(c.path, section) for c in ckpts]
+        readmes = [update_model_card(c.path, section, card_scores(table, i)) for i, c in enumerate(ckpts)]
     if push_to_hub:
         for readme, repo_id in zip(readmes, repo_ids, strict=True):
             push_model_card(readme, repo_id)
