@@ -20,7 +20,7 @@ from datasets import Dataset
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
-PAGES = [README, *sorted((REPO / "docs").rglob("*.md"))]
+PAGES = [README, REPO / "examples" / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 README_LIMIT = 12_000
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
