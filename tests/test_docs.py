@@ -147,3 +147,24 @@ def test_readme_names_the_installed_commands_and_the_ci_command():
     ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci == "python -m pytest -q tests"
     assert any(ci in block.splitlines() for block in _blocks(README, "bash"))
+
+
+def test_readme_results_quote_the_reproduction_summary():
+    """The README's two regimes carry the figures of the shipped report's summary, as rounded there."""
+    import json
+
+    text = README.read_text()
+    summary = json.loads((REPO / "docs" / "reproduction" / "summary.json").read_text())
+    for r in summary["two_regimes"]:
+        quoted = [
+            f"{r['steps']} steps",
+            f"{r['baseline_mean']:.3f} ± {r['baseline_std']:.3f}",
+            f"{r['gradpower_mean']:.3f} ± {r['gradpower_std']:.3f}",
+            f"**{r['diff']:+.3f}**",
+            f"2 x SE {2 * r['diff_se']:.3f}",
+        ]
+        assert [q for q in quoted if q not in text] == [], r["regime"]
+    long = max(summary["two_regimes"], key=lambda r: r["steps"])
+    assert (
+        f"{long['epochs']:.1f} epochs" in text and "{} of {} evaluations".format(*long["evals_lower"]) in text
+    )
