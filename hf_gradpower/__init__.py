@@ -6,7 +6,7 @@ Layers, following ``theta <- theta - lr * Q(phi(g))``:
   adampower   AdamPower: AdamW with phi in its own step (one pass over memory on CPU)
   muon        the Muon/AdamW hybrid (Q for MuonPower)
   optimizers  optimizers by name: adamw, adampower, muon, muonpower, sgdpower, ...
-  trainer     GradPowerTrainer / GradPowerTrainingArguments (imported lazily: needs transformers)
+  trainer     GradPowerTrainer, GradPowerMixin (any Trainer subclass), GradPowerTrainingArguments (lazy)
 """
 
 from hf_gradpower.adampower import AdamPower
@@ -18,6 +18,7 @@ from hf_gradpower.transform import DEFAULT_POWER, power_, sign_power, validate_p
 __all__ = [
     "AdamPower",
     "DEFAULT_POWER",
+    "GradPowerMixin",
     "GradPowerTrainer",
     "GradPowerTrainingArguments",
     "MuonAdamW",
@@ -37,7 +38,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name in ("GradPowerTrainer", "GradPowerTrainingArguments"):
+    if name in ("GradPowerMixin", "GradPowerTrainer", "GradPowerTrainingArguments"):
         from hf_gradpower import trainer
 
         return getattr(trainer, name)

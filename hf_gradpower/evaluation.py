@@ -1,4 +1,5 @@
-"""Zero-shot evaluation of checkpoints with lm-eval, side by side, the paper's way (``run_eval.py``).
+"""Zero-shot evaluation of checkpoints with lm-eval, side by side, the paper's way (``run_eval.py``,
+installed as ``hf-gradpower-eval``).
 
 Each checkpoint is scored by lm-eval's own HF model (``simple_evaluate(model="hf", ...)``); the table takes
 lm-eval's numbers as they are (never re-scored): one row per task plus the average, one column per checkpoint
@@ -7,17 +8,19 @@ lm-eval's numbers as they are (never re-scored): one row per task plus the avera
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import csv
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_gradpower.model_card import RUN_INFO_FILE, label_of
+from hf_gradpower.model_card import RUN_INFO_FILE, label_of, with_eval_results
 
 PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "openbookqa", "winogrande", "piqa")
 # Tiny offline tasks shipped with the package (hand-written items in the tasks' schemas), always registered.
@@ -322,8 +325,15 @@ def card_section(table: dict, tasks_note: str = "") -> str:
     return body
 
 
-def update_model_card(ckpt_dir: str | Path, section: str) -> Path:
-    """Append the section to README.md, or replace an earlier one (up to the next ``## `` heading)."""
+def card_scores(table: dict, column: int) -> list[tuple[str, str, float]]:
+    """(task, metric, value in %) of one checkpoint's column, for the card's ``model-index``."""
+    return [(row["task"], row["metric"].rstrip(FALLBACK_MARK), 100 * row["cells"][column]["value"])
+            for row in table["rows"] if row["task"] != "Average" and row["cells"][column]["value"] is not None]
+
+
+def update_model_card(ckpt_dir: str | Path, section: str, scores: list[tuple[str, str, float]] = ()) -> Path:
+    """Append the section to README.md, or replace an earlier one (up to the next ``## `` heading); with
+    ``scores``, the card's front matter gets them as ``model-index`` results."""
     readme = Path(ckpt_dir) / "README.md"
     text = readme.read_text() if readme.exists() else ""
     pattern = re.compile(rf"^{re.escape(CARD_SECTION)}\s*$.*?(?=^## |\Z)", re.S | re.M)
@@ -332,6 +342,8 @@ def update_model_card(ckpt_dir: str | Path, section: str) -> Path:
         text = pattern.sub(lambda _: block + "\n", text, count=1).rstrip("\n") + "\n"
     else:
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
+    if scores:
+        text = with_eval_results(text, Path(ckpt_dir).resolve().name, list(scores))
     readme.write_text(text)
     return readme
 
@@ -394,8 +406,67 @@ def run(checkpoints: list[str], tasks=None, include_path=None, limit=None, num_f
         note = f", {num_fewshot}-shot" if num_fewshot else ""
         note += f", limit={limit}" if limit else ""
         section = card_section(table, note)
-        readmes = [update_model_card(c.path, section) for c in ckpts]
+        readmes = [update_model_card(c.path, section, card_scores(table, i)) for i, c in enumerate(ckpts)]
     if push_to_hub:
         for readme, repo_id in zip(readmes, repo_ids, strict=True):
             push_model_card(readme, repo_id)
     return {"table": table, "results": results, "paths": paths, "readmes": readmes}
+
+
+PROG = "run_eval.py"
+USAGE = """Zero-shot tables of checkpoints with lm-eval, side by side, the paper's way.
+
+    run_eval.py out/adamw out/adampower --limit 200
+    run_eval.py outputs/llama-tiny-adampower-cos --tasks arc_tiny,hellaswag_tiny,piqa_tiny   # offline
+    run_eval.py out/adamw out/adampower --tasks my_task --include_path my_tasks/ --update_model_card
+
+The first checkpoint is the baseline (Gain columns). The tiny offline tasks arc_tiny, hellaswag_tiny and
+piqa_tiny ship with the package and are always available. Installed as the command hf-gradpower-eval.
+"""
+
+
+def _limit(s: str):
+    v = float(s)
+    return int(v) if v >= 1 and v.is_integer() else v
+
+
+def _batch(s: str):
+    return s if s.startswith("auto") else int(s)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One ``run_eval.py: error: ...`` line, like every other bad input (no usage dump)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``run_eval.py`` / ``hf-gradpower-eval``: exit status 0, or 2 with one error line for bad input."""
+    ap = _Parser(prog=PROG, description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", nargs="+", help="checkpoint folders; the first is the baseline")
+    ap.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma list of lm-eval task/group names")
+    ap.add_argument("--include_path", default=None, help="folder of custom lm-eval task YAMLs")
+    ap.add_argument("--limit", type=_limit, default=None, help="examples per task (int) or fraction (<1)")
+    ap.add_argument("--num_fewshot", type=int, default=0)
+    ap.add_argument("--batch_size", type=_batch, default="auto")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on CUDA if supported, else float32")
+    ap.add_argument("--metric", choices=METRICS, default="acc")
+    ap.add_argument("--output_dir", default="eval_results")
+    ap.add_argument("--update_model_card", action="store_true", help="add the table to each README.md")
+    ap.add_argument("--push_to_hub", action="store_true", help="update the cards and upload each README.md")
+    ap.add_argument("--hub_model_id", default=None, help="comma list of Hub repo ids, one per checkpoint")
+    args = ap.parse_args(argv)
+    try:
+        run(args.checkpoints, tasks=args.tasks, include_path=args.include_path, limit=args.limit,
+            num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+            output_dir=args.output_dir, metric=args.metric, update_card=args.update_model_card,
+            push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id)
+    except ValueError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,9 @@
 """What a finished run leaves beside its weights: metrics log (JSON, CSV), loss-curve plot, model card.
 
-The card is the output directory's ``README.md``, so ``push_to_hub`` publishes it with the weights;
+The card is the output directory's ``README.md``, so ``push_to_hub`` publishes it with the weights. Its YAML
+front matter follows the Hub's model-card metadata (``huggingface_hub.ModelCardData``): ``library_name``,
+``pipeline_tag``, tags (``gradpower``, the optimizer, the schedule, the paper), the dataset, and the training
+recipe; ``run_eval.py --update_model_card`` adds the zero-shot scores as ``model-index`` results.
 ``gradpower.json`` holds the run's optimizer facts for tools (``run_eval.py`` labels columns with it).
 """
 
@@ -10,7 +13,12 @@ import csv
 import json
 from pathlib import Path
 
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
 RUN_INFO_FILE = "gradpower.json"
+PAPER = "2505.24275"
+HUB_DATASET_IDS = {"embedded": "allenai/c4", "c4": "allenai/c4", "openwebtext": "Skylion007/openwebtext"}
+LM_EVAL = ("lm-evaluation-harness", "https://github.com/EleutherAI/lm-evaluation-harness")
 
 
 def write_metrics(log_history: list[dict], output_dir: str | Path) -> tuple[Path, Path]:
@@ -105,18 +113,12 @@ def write_model_card(output_dir: str | Path, run_info: dict, log_history: list[d
         ("final train loss", final["loss"]), ("final eval loss", final["eval_loss"]),
     ]
     table = "\n".join(f"| {k} | {fmt(k, v)} |" for k, v in rows)
-    card = f"""---
-library_name: transformers
-tags:
-- gradpower
-- {info.get("optim", "")}
-- pre-training
----
-
+    body = f"""
 # {info.get("model_config", "model")} pre-trained with {optimizer_label}
 
-Pre-trained from scratch with [hf_gradpower](https://arxiv.org/abs/2505.24275): every gradient element
-is replaced by `sign(g) * |g|^p` before the base optimizer step.
+Pre-trained from scratch with GradPower ([arXiv {PAPER}](https://arxiv.org/abs/{PAPER})) through the
+`hf_gradpower` package: every gradient element is replaced by `sign(g) * |g|^p` before the base optimizer
+step.
 
 | | |
 |---|---|
@@ -126,9 +128,37 @@ is replaced by `sign(g) * |g|^p` before the base optimizer step.
 
 Metrics per logged step: `metrics.json`, `metrics.csv`. Run facts: `{RUN_INFO_FILE}`.
 """
+    card = ModelCard(f"---\n{card_metadata(info).to_yaml()}\n---\n{body}")
     path = out / "README.md"
-    path.write_text(card)
+    path.write_text(str(card))
     return path
+
+
+def card_metadata(info: dict) -> ModelCardData:
+    """The Hub metadata of a run: library, task, tags, dataset, and the recipe it was trained with."""
+    optim = str(info.get("optim", ""))
+    tags = ["gradpower", optim, "pre-training", f"arxiv:{PAPER}"]
+    if info.get("schedule"):
+        tags.append(f"{info['schedule']}-schedule")
+    recipe = {key: info[key] for key in ("recipe", "model_config", "optim", "gradpower_p", "gradpower_order",
+                                         "schedule", "learning_rate", "seq_len", "global_batch", "max_steps",
+                                         "tokens") if info.get(key) is not None}
+    dataset = HUB_DATASET_IDS.get(str(info.get("dataset")))
+    return ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                         tags=[t for t in dict.fromkeys(tags) if t], datasets=[dataset] if dataset else None,
+                         training_recipe=recipe)
+
+
+def with_eval_results(card_text: str, model_name: str, scores: list[tuple[str, str, float]]) -> str:
+    """``card_text`` with its ``model-index`` set to ``scores`` (task, metric, value in %), from lm-eval."""
+    card = ModelCard(card_text, ignore_metadata_errors=True)
+    card.data.model_name = card.data.model_name or model_name
+    card.data.eval_results = [
+        EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task, metric_type=metric,
+                   metric_value=round(value, 2), source_name=LM_EVAL[0], source_url=LM_EVAL[1])
+        for task, metric, value in scores
+    ] or None
+    return str(card)
 
 
 def label_of(info: dict) -> str:

@@ -101,5 +101,11 @@ def recommendation(callback: GradPowerNoiseCallback, facts: dict, optim: str, st
     }
 
 
+def cli() -> int:
+    """The ``hf-gradpower-probe`` command: ``main`` with an exit status."""
+    main()
+    return 0
+
+
 if __name__ == "__main__":
     main()

@@ -1,9 +1,10 @@
 """GradPower in ``transformers.Trainer``: the only Trainer-aware module of the package.
 
-``GradPowerTrainer`` differs from ``Trainer`` in ``create_optimizer`` (our optimizers by name, with
-Trainer's weight-decay grouping and ``adam_beta1/2``, ``adam_epsilon``, ``optim_args``) and in where
-phi runs relative to gradient clipping. Everything else — schedulers, gradient accumulation,
-bf16/fp16, checkpointing and resume, logging — is Trainer's own.
+``GradPowerTrainer`` is ``GradPowerMixin`` on ``Trainer``; the mixin composes the same way with any
+Trainer subclass (``class MyTrainer(GradPowerMixin, SFTTrainer)``). It differs from ``Trainer`` in
+``create_optimizer`` (our optimizers by name, with Trainer's weight-decay grouping and ``adam_beta1/2``,
+``adam_epsilon``, ``optim_args``) and in where phi runs relative to gradient clipping. Everything else —
+schedulers, gradient accumulation, bf16/fp16, checkpointing and resume, logging — is Trainer's own.
 
 p (``gradpower_p``) is a number or a schedule spec (per role, ramps, wsd phases, ``auto``: see
 ``hf_gradpower.p_schedule``); ``gradpower_noise`` measures the gradient noise scale (``hf_gradpower.noise``)
@@ -127,8 +128,19 @@ def is_gradpower_optim(name: str) -> bool:
     return True
 
 
-class GradPowerTrainer(Trainer):
-    """``transformers.Trainer`` that builds AdamPower / MuonPower / any ``*power`` optimizer from ``args.optim``."""
+class GradPowerMixin:
+    """GradPower for any ``Trainer`` subclass: ``class MyTrainer(GradPowerMixin, SFTTrainer)``.
+
+    Builds AdamPower / MuonPower / any ``*power`` optimizer from ``args.optim`` (``create_optimizer``), applies
+    phi before clipping in the paper's order (``_clip_grad_norm``), and refuses setups that would silently
+    train without GradPower. It must come before the Trainer class in the bases, so its methods win.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if Trainer in cls.__mro__ and cls.__mro__.index(Trainer) < cls.__mro__.index(GradPowerMixin):
+            raise TypeError(f"class {cls.__name__}: put GradPowerMixin first in its bases, e.g. "
+                            f"class {cls.__name__}(GradPowerMixin, Trainer), or Trainer's methods hide GradPower's")
 
     def __init__(self, *args, **kwargs):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -246,6 +258,10 @@ class GradPowerTrainer(Trainer):
         if scaler is None or not scaler.is_enabled():
             return None
         return scaler._get_scale_async()  # a device tensor: no host sync
+
+
+class GradPowerTrainer(GradPowerMixin, Trainer):
+    """``transformers.Trainer`` that builds AdamPower / MuonPower / any ``*power`` optimizer from ``args.optim``."""
 
 
 class GradPowerNoiseCallback(TrainerCallback, ExportableState):

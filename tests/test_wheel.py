@@ -12,9 +12,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "hf_gradpower"
+COMMANDS = ("hf-gradpower-eval", "hf-gradpower-pretrain", "hf-gradpower-probe")  # the README names them
 
 CHECK = """
 import json, sys
+from importlib.metadata import distribution
 from pathlib import Path
 import hf_gradpower
 from hf_gradpower.data import load_tokenizer, validate_data_source
@@ -25,6 +27,8 @@ print(json.dumps({
     "package": hf_gradpower.__file__, "configs": configs, "names": available_model_configs(),
     "tokenizer": len(load_tokenizer("embedded")), "corpus": validate_data_source("embedded").files[0],
     "tasks": sorted(p.stem for p in Path(example_task_dir()).glob("*.yaml")),
+    "commands": {e.name: callable(e.load()) for e in distribution("hf-gradpower").entry_points
+                 if e.group == "console_scripts"},
 }))
 """
 
@@ -65,3 +69,9 @@ def test_wheel_ships_every_package_file_and_works_from_another_directory(tmp_pat
     assert abs(got["configs"]["llama-0.2b"] / 200e6 - 1) < 0.01 and abs(got["configs"]["qwen2moe-1b"] / 1040e6 - 1) < 0.01
     assert set(got["names"]) == {p.stem for p in (PACKAGE / "resources" / "model_configs").glob("*.json")}
     assert got["tokenizer"] == 4096 and got["tasks"] == sorted(["arc_tiny", "hellaswag_tiny", "piqa_tiny"])
+    assert got["commands"] == dict.fromkeys(COMMANDS, True)  # each resolves to a function in the installed package
+
+    # the evaluation command runs from the installed scripts and answers bad input with one error line
+    proc = subprocess.run([str(site / "bin" / "hf-gradpower-eval"), "no_such_checkpoint"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and proc.stderr.startswith("run_eval.py: error: checkpoint folder"), proc.stderr
