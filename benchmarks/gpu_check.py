@@ -36,6 +36,7 @@ import hf_gradpower as gp
 from benchmarks.optimizer_step import build, state_bytes, sync
 from benchmarks.throughput import OPTIMIZERS, StepTimer, summarize
 from hf_gradpower.kernels import dispatch, triton
+from hf_gradpower.kernels.selfcheck import phi64, scaled_error, ulps
 from hf_gradpower.model_configs import load_model_config
 from hf_gradpower.pretrain import run
 
@@ -65,26 +66,6 @@ def cpu_model() -> str:
     flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return f"{name}, {isa}, {torch.get_num_threads()} threads"
-
-
-def phi64(g: torch.Tensor, p: float) -> torch.Tensor:
-    d = g.double()
-    return d.abs().pow(p).copysign(d)
-
-
-def ulps(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| in units of the spacing of ``x.dtype`` at ``ref`` (float64 reference); equal values
-    (infinities included) and NaN against NaN count 0."""
-    rounded = ref.to(x.dtype).abs()
-    spacing = (torch.nextafter(rounded, torch.full_like(rounded, float("inf"))) - rounded).double()
-    both_nan = x.isnan() & ref.isnan()
-    err = torch.where(both_nan | (x.double() == ref), 0.0, (x.double() - ref).abs() / spacing)
-    return err.max().item() if err.numel() else 0.0
-
-
-def scaled_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / (eps(x.dtype) * max|ref|)."""
-    return (x.double() - ref.double()).abs().max().item() / (torch.finfo(x.dtype).eps * ref.double().abs().max().item())
 
 
 def path_of(t: torch.Tensor) -> str:

@@ -29,18 +29,6 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNELS = "hf_gradpower.kernels._triton_jit"
 
 
-@pytest.fixture
-def interpreter(monkeypatch):
-    """TRITON_INTERPRET=1 for this test only: CPU tensors take the Triton path, its kernels interpreted."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    previous = sys.modules.pop(KERNELS, None)
-    importlib.import_module(KERNELS)  # @triton.jit reads TRITON_INTERPRET when the kernels are defined
-    yield
-    sys.modules.pop(KERNELS, None)
-    if previous is not None:
-        sys.modules[KERNELS] = previous
-
-
 def assert_close_scaled(x: torch.Tensor, ref: torch.Tensor, k: float) -> None:
     """|x - ref| <= k * eps(x.dtype) * max|ref| elementwise."""
     bound = k * torch.finfo(x.dtype).eps * ref.double().abs().max().item()

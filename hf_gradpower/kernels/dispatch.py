@@ -43,6 +43,12 @@ def kernel_mode() -> str:
     return mode
 
 
+def reset() -> None:
+    """Forget every self-check verdict (the next use of each combination checks again)."""
+    with _lock:
+        _verdicts.clear()
+
+
 def _candidate(t: torch.Tensor, p: float, mode: str) -> ModuleType:
     """The backend that would serve ``t`` (before its self-check)."""
     if mode == "eager":
