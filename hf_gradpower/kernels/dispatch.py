@@ -49,6 +49,11 @@ def reset() -> None:
         _verdicts.clear()
 
 
+def candidate(t: torch.Tensor, p: float = 1.2) -> ModuleType:
+    """The backend that would serve ``t`` under the current ``HF_GRADPOWER_KERNEL``, before its self-check."""
+    return _candidate(t, p, kernel_mode())
+
+
 def _candidate(t: torch.Tensor, p: float, mode: str) -> ModuleType:
     """The backend that would serve ``t`` (before its self-check)."""
     if mode == "eager":
