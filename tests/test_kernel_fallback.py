@@ -197,3 +197,32 @@ def test_fast_mode_raises_instead_of_falling_back(interpreter, monkeypatch):
     monkeypatch.setattr(InterpretedFunction, "run", _raise_at_launch)
     with pytest.raises(RuntimeError, match="Failed to find C compiler"):
         gp.power_([torch.randn(10)], 1.2)
+
+
+def test_adamw_state_of_another_shape_is_one_clear_error(fresh_c_kernel):
+    """A moment loaded for another model: one ValueError naming the shapes, before any kernel reads it."""
+    params = [torch.nn.Parameter(torch.randn(64)), torch.nn.Parameter(torch.randn(8, 8))]
+    opt = _adampower(params)
+    for q in params:
+        q.grad = torch.randn(q.shape) * 1e-2
+    opt.step()
+    opt.state[params[1]]["exp_avg_sq"] = torch.zeros(8)
+    before = params[1].detach().clone()
+    with pytest.raises(ValueError, match=r"exp_avg_sq \(8,\), but the parameter is \(8, 8\)"):
+        opt.step()
+    assert torch.equal(params[1].detach(), before) and opt.state[params[1]]["step"].item() == 1
+
+
+def test_block_maps_are_cached_by_sizes_and_bounded_in_bytes():
+    maps = triton_backend._BlockMaps(max_bytes=7_850)
+    cpu_device = torch.device("cpu")
+    first = maps.get((3000, 5), cpu_device)
+    numel, first_block, block_tensor = first
+    assert (
+        numel.tolist() == [3000, 5]
+        and first_block.tolist() == [0, 3]
+        and block_tensor.tolist() == [0, 0, 0, 1]
+    )
+    assert maps.get((3000, 5), cpu_device) is first  # a hit: nothing rebuilt
+    maps.get((2_000_000,), cpu_device)  # 1954 blocks: 7832 bytes; with the first map (48) over the bound
+    assert (cpu_device, (3000, 5)) not in maps.maps and maps.bytes == 7832
