@@ -2,7 +2,8 @@
 
 This is the paper's phi in ``theta <- theta - lr * Q(phi(g))``: a stateless, elementwise map, so it
 commutes with data-parallel sharding (it works on FSDP2 ``DTensor`` shards) and needs no optimizer
-state. It is pure torch on purpose: optimizers, the Trainer and custom loops all call it.
+state. Optimizers, the Trainer and custom loops all call it; the kernels that compute it (eager torch, the
+C kernel, Triton) are chosen per device and dtype by :mod:`hf_gradpower.kernels`.
 
 Numerics. ``|g|^p`` underflows and loses digits in bf16/fp16 when ``p > 1`` (|g| ~ 1e-4 is common),
 so low-precision gradients are transformed in fp32 (or float64) and rounded back once. Loss-scaled gradients

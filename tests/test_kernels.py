@@ -421,3 +421,20 @@ def test_no_cpu_kernel_is_built_for_tensors_that_are_not_on_the_cpu():
     finally:
         C._state.clear()
         C._state.update(saved)
+
+
+def test_kernel_modules_import_nothing_from_the_layers_above():
+    """One direction only: transform and the optimizers call the kernel layer, never the other way round."""
+    import ast
+    from pathlib import Path
+
+    above = {"attach", "transform", "adampower", "muon", "muon_sharded", "optimizers", "adamw_step", "trainer"}
+    folder = Path(C.__file__).parent
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                assert not (parts[0] == "hf_gradpower" and len(parts) > 1 and parts[1] in above), (path.name, name)
