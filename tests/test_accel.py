@@ -26,6 +26,7 @@ import triton.language as tl  # noqa: E402
 
 import hf_gradpower as gp  # noqa: E402
 from hf_gradpower.adampower import one_pass_step  # noqa: E402
+from hf_gradpower.kernels import dispatch, eager  # noqa: E402
 from hf_gradpower.kernels import triton as triton_backend  # noqa: E402
 from hf_gradpower.kernels.cpu import max_ulp_error  # noqa: E402
 from hf_gradpower.kernels.selfcheck import phi64, scaled_error, ulps  # noqa: E402
@@ -338,3 +339,32 @@ def test_dtensor_shards_take_the_same_fused_path(interpreter, cpu_mesh):
     assert type(opts[0].state[sharded]["exp_avg"]).__name__ == "DTensor"  # state as torch's AdamW keeps it
     assert torch.equal(sharded.full_tensor(), plain.detach())
     assert torch.equal(opts[0].state[sharded]["exp_avg_sq"].full_tensor(), opts[1].state[plain]["exp_avg_sq"])
+
+
+def test_sum_of_squares_and_coef_match_the_eager_backend(interpreter):
+    """The operations fused clipping builds on: per-tensor sums of squares of phi(g) (read only, with and
+    without a loss scale) and a 0-d coef multiplied into phi(g) inside the AdamW and Muon momentum kernels."""
+    gen = torch.Generator().manual_seed(4)
+    grads = [torch.randn(2500, generator=gen) * 1e-2, torch.randn(33, 40, generator=gen).t() * 1e-3,
+             torch.randn(0), torch.randn(7, generator=gen).bfloat16()]  # fmt: skip
+    originals = [g.clone() for g in grads]
+    for scale in (None, 1024.0):
+        got = triton_backend.phi_sum_sq(grads, 1.2, grad_scale=scale)
+        want = torch.stack([eager.phi_sum_sq([g], 1.2, grad_scale=scale)[0] for g in grads])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+        assert torch.equal(torch.stack(dispatch.phi_sum_sq(grads, 1.2, grad_scale=scale)), got)  # input order
+    assert all(torch.equal(g, o) for g, o in zip(grads, originals, strict=True))
+    coef = torch.tensor(0.37)
+    group = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, foreach=None, fused=None, amsgrad=False,
+                 maximize=False, capturable=False, differentiable=False)  # fmt: skip
+    runs = []
+    for backend in (triton_backend, eager):
+        params = [torch.randn(1500, generator=torch.Generator().manual_seed(5))]
+        state = [[torch.zeros(1500)], [torch.zeros(1500)], [torch.tensor(0.0)]]
+        backend.adamw_(params, [originals[0][:1500].clone()], *state, group, 1.2, coef=coef)
+        buf = torch.full((40, 33), 1e-3)
+        update = backend.muon_momentum_(originals[1].contiguous(), buf, 0.95, 1.2, True, coef=coef)
+        runs.append([params[0], state[0][0], state[1][0], buf, update])
+        assert state[2][0].item() == 1
+    for a, b in zip(*runs, strict=True):
+        assert_close_scaled(a, b, 4)

@@ -178,7 +178,14 @@ def phi_sum_sq_kernel(
     scale_m, scale_e, scale_lm = _scale_parts(scale_ptr, HAS_SCALE)
     g = tl.load(g_ptr + offsets, mask=offsets < numel, other=0.0).to(tl.float32)
     h = _phi(g, qh, ql, ph, pl, scale_m, scale_e, scale_lm)
-    tl.store(partial_ptr + tl.program_id(0), tl.sum(h * h, axis=0))
+    tl.store(partial_ptr + tl.program_id(0), tl.reduce(h * h, 0, _add))
+
+
+@triton.jit
+def _add(a, b):
+    """The combine function of a sum (tl.sum's own is defined when triton is imported, so a test process that
+    imported triton before setting TRITON_INTERPRET could not interpret it)."""
+    return a + b
 
 
 @triton.jit
