@@ -1,9 +1,10 @@
 """GradPower for Hugging Face: phi_p(g) = sign(g) * |g|^p before any optimizer (arXiv 2505.24275).
 
 Layers, following ``theta <- theta - lr * Q(phi(g))``:
-  transform   phi_p itself (pure torch)
+  transform   phi_p itself, on gradients (DTensor shards included)
+  kernels     phi and the fused optimizer steps: eager torch, C and Triton backends, self-checked at first use
   attach      GradPower on any torch optimizer (one line)
-  adampower   AdamPower: AdamW with phi in its own step (one pass over memory on CPU)
+  adampower   AdamPower: AdamW with phi in its own step (one pass over memory: C kernel, Triton)
   muon        the Muon/AdamW hybrid (Q for MuonPower)
   optimizers  optimizers by name: adamw, adampower, muon, muonpower, sgdpower, ...
   trainer     GradPowerTrainer, GradPowerMixin (any Trainer subclass), GradPowerTrainingArguments (lazy)

@@ -2,10 +2,11 @@
 
 This is the paper's phi in ``theta <- theta - lr * Q(phi(g))``: a stateless, elementwise map, so it
 commutes with data-parallel sharding (it works on FSDP2 ``DTensor`` shards) and needs no optimizer
-state. It is pure torch on purpose: optimizers, the Trainer and custom loops all call it.
+state. Optimizers, the Trainer and custom loops all call it; the kernels that compute it (eager torch, the
+C kernel, Triton) are chosen per device and dtype by :mod:`hf_gradpower.kernels`.
 
 Numerics. ``|g|^p`` underflows and loses digits in bf16/fp16 when ``p > 1`` (|g| ~ 1e-4 is common),
-so low-precision gradients are transformed in fp32 and rounded back once. Loss-scaled gradients
+so low-precision gradients are transformed in fp32 (or float64) and rounded back once. Loss-scaled gradients
 ``s * g`` must be unscaled first, because ``phi(s * g) = s^p * phi(g)``: ``grad_scale=s`` gives
 ``s * phi(g / s)``, i.e. the transform of the true gradient, still carrying the scale the fused
 AdamW kernel (or the clipping code) will divide out.
@@ -18,12 +19,10 @@ from collections.abc import Iterable
 
 import torch
 
-from hf_gradpower import accel
-from hf_gradpower._kernels import sign_power_, sign_power_cpu_many_
+from hf_gradpower.kernels import dispatch
 
 DEFAULT_POWER = 1.2
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def validate_power(p: float) -> float:
@@ -61,18 +60,7 @@ def _checked_local(g: torch.Tensor) -> torch.Tensor:
 
 def sign_power_tensor_(g: torch.Tensor, p: float) -> torch.Tensor:
     """In place ``g <- sign(g) * |g|^p`` for one dense floating tensor; returns ``g``."""
-    local = _checked_local(g)
-    if local.numel() == 0:
-        return g
-    if accel.takes_triton_path(local):  # accelerators: one fp32 pass in a Triton kernel
-        accel.sign_power_tensors_([local], p)
-        return g
-    if local.dtype in _LOW_PRECISION:
-        work = local.float()
-        sign_power_(work, p)
-        local.copy_(work)
-    else:  # fp32: the fast kernel; fp64: the kernels' eager path, in its own precision
-        sign_power_(local, p)
+    dispatch.phi_([_checked_local(g)], p)
     return g
 
 
@@ -85,26 +73,12 @@ def power_(
     ``grad_scale``: the loss scale the gradients still carry (GradScaler); the result is
     ``s * phi(g / s)`` so that dividing by ``s`` later yields ``phi`` of the true gradient.
     ``p == 1`` is the identity and returns without touching memory (bit-exact baseline).
+    Each kernel backend gets its share of the tensors in one call (see :mod:`hf_gradpower.kernels`).
     """
     p = validate_power(p)
     if p == 1.0:
         return
-    on_accelerator, others = [], []  # local tensors (DTensor shards unwrapped), split by where phi runs
-    for g in grads:
-        if g is not None:
-            local = _checked_local(g)
-            (on_accelerator if accel.takes_triton_path(local) else others).append(local)
-    if on_accelerator:  # one multi-tensor launch, the loss scale folded into the kernel
-        accel.sign_power_tensors_(on_accelerator, p, grad_scale=grad_scale)
-    if grad_scale is None:  # CPU float32 gradients: one C kernel call for all of them
-        others = sign_power_cpu_many_(others, p)
-    for g in others:
-        if grad_scale is None:
-            sign_power_tensor_(g, p)
-        else:
-            g.div_(grad_scale)
-            sign_power_tensor_(g, p)
-            g.mul_(grad_scale)
+    dispatch.phi_([_checked_local(g) for g in grads if g is not None], p, grad_scale=grad_scale)
 
 
 def sign_power(g: torch.Tensor, p: float) -> torch.Tensor:
