@@ -106,21 +106,38 @@ class CpuKernel:
         self.flags = flags
         self.cached = cached
 
-    def sign_power_many(self, xs: Sequence[torch.Tensor], p: float, nthreads: int) -> None:
-        """``x <- phi_p(x)`` for each tensor."""
+    def sign_power_many(self, xs: Sequence[torch.Tensor], p: float, nthreads: int, coef: float = 1.0) -> None:
+        """``x <- coef * phi_p(x)`` for each tensor (``coef`` is applied to each chunk while it is in cache)."""
         rc = self.lib.gp_sign_power_many(
             _array(_PTRS, [x.data_ptr() for x in xs]), _array(_I64, [x.numel() for x in xs]), len(xs),
-            constants(p), nthreads,
+            constants(p), coef, nthreads,
         )
         if rc:
             raise MemoryError("gradpower kernel: out of memory")
 
+    def phi_sumsq_many(self, xs: Sequence[torch.Tensor], p: float, nthreads: int) -> torch.Tensor:
+        """Per-tensor sums of ``phi_p(x)**2`` (float64, one entry per tensor), reading each tensor once.
+
+        Error: each phi is within ``ULP_BOUNDS`` of float64, its square and the sums are exact to 2**-53 per
+        addition, so a sum is within ``2 * ULP_BOUND * 2**-23`` (relative) of the float64 reference plus
+        ``numel * 2**-53``; it does not depend on ``nthreads``.
+        """
+        out = torch.empty(len(xs), dtype=torch.float64)
+        rc = self.lib.gp_phi_sumsq_many(
+            _array(_PTRS, [x.data_ptr() for x in xs]), _array(_I64, [x.numel() for x in xs]), len(xs),
+            constants(p), out.data_ptr(), nthreads,
+        )
+        if rc:
+            raise MemoryError("gradpower kernel: out of memory")
+        return out
+
     def adamw_power_many(self, params, grads, exp_avgs, exp_avg_sqs, p: float, hyper: ctypes.Array,
-                         nthreads: int) -> None:
-        """One AdamW step on phi_p(grad) per tensor; ``hyper`` holds 8 floats per tensor (see the C file)."""
+                         nthreads: int, coef: float = 1.0) -> None:
+        """One AdamW step on ``coef * phi_p(grad)`` per tensor; ``hyper`` holds 8 floats per tensor (see the
+        C file). ``coef``: the clip coefficient (1.0 gives the unclipped step, bit for bit)."""
         ptrs = [_array(_PTRS, [t.data_ptr() for t in ts]) for ts in (params, grads, exp_avgs, exp_avg_sqs)]
         rc = self.lib.gp_adamw_power_many(
-            *ptrs, _array(_I64, [t.numel() for t in params]), len(params), constants(p), hyper, nthreads
+            *ptrs, _array(_I64, [t.numel() for t in params]), len(params), constants(p), hyper, coef, nthreads
         )
         if rc:
             raise MemoryError("gradpower kernel: out of memory")
@@ -216,9 +233,11 @@ def build(variant: str = "native") -> CpuKernel:
         except Exception as exc:
             errors.append(f"{' '.join(extra)}: {exc}")
             continue
-        lib.gp_sign_power_many.argtypes = [_PTRS, _PTRS, ctypes.c_int, _PTRS, ctypes.c_int]
-        lib.gp_adamw_power_many.argtypes = [_PTRS] * 5 + [ctypes.c_int, _PTRS, _PTRS, ctypes.c_int]
-        lib.gp_sign_power_many.restype = lib.gp_adamw_power_many.restype = lib.gp_impl.restype = ctypes.c_int
+        lib.gp_sign_power_many.argtypes = [_PTRS, _PTRS, ctypes.c_int, _PTRS, ctypes.c_float, ctypes.c_int]
+        lib.gp_phi_sumsq_many.argtypes = [_PTRS, _PTRS, ctypes.c_int, _PTRS, _PTRS, ctypes.c_int]
+        lib.gp_adamw_power_many.argtypes = [_PTRS] * 5 + [ctypes.c_int, _PTRS, _PTRS, ctypes.c_float, ctypes.c_int]
+        for entry in (lib.gp_sign_power_many, lib.gp_phi_sumsq_many, lib.gp_adamw_power_many, lib.gp_impl):
+            entry.restype = ctypes.c_int
         impl = _IMPL_NAMES.get(lib.gp_impl(), "c")
         if "-fopenmp" not in extra:
             impl += "-1thread"
@@ -293,4 +312,24 @@ def validate(k: CpuKernel, reference_) -> tuple[bool, str]:
                 y[both], ye[both], rtol=1e-5, atol=1e-44
             ):
                 return False, f"p={p}: mismatch against the eager path"
+    return _validate_clipping(k, x[torch.isfinite(x) & (x.abs() < 1e9)], worst)
+
+
+def _validate_clipping(k: CpuKernel, x: torch.Tensor, worst: float) -> tuple[bool, str]:
+    """The entries clipping uses: sums of phi(x)^2 against float64 (within 2 * _VALIDATION_ULP ulp, relative) and
+    phi with a clip coefficient, which must be phi then one float32 multiply, bit for bit."""
+    coef = 0.3125  # a power of two times 5: the product is rounded
+    for p in (0.8, 1.2, 2.0):
+        for nthreads in (1, max(1, torch.get_num_threads())):
+            parts = [x[: len(x) // 3], x[len(x) // 3 :]]
+            got = k.phi_sumsq_many(parts, p, nthreads)
+            want = torch.stack([(t.double().abs() ** (2 * p)).sum() for t in parts])
+            rel = float(((got - want).abs() / want).max())
+            if not rel <= 2 * _VALIDATION_ULP * 2.0**-23:
+                return False, f"p={p}: sum of squares off by {rel:.3g} (relative)"
+            y, z = x.clone(), x.clone()
+            k.sign_power_many([y], p, nthreads, coef=coef)
+            k.sign_power_many([z], p, nthreads)
+            if not torch.equal(y, z * coef):
+                return False, f"p={p}: phi with a clip coefficient is not phi times the coefficient"
     return True, f"max error {worst:.2f} ulp on probe"
