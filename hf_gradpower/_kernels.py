@@ -223,12 +223,13 @@ def sign_power_fast_(x: torch.Tensor, p: float) -> None:
     kernel.sign_power_many([target], p, torch.get_num_threads())
 
 
-def sign_power_cpu_many_(xs: Sequence[torch.Tensor], p: float) -> list[torch.Tensor]:
-    """phi_p in place on every dense contiguous CPU float32 tensor of ``xs`` in ONE kernel call (one OpenMP
-    region); returns the tensors it left for the caller's per-tensor path (other devices, dtypes, layouts,
-    or all of them where the kernel is off). Nothing is built when no tensor is a CPU float32 one."""
+def sign_power_cpu_many_(xs: Sequence[torch.Tensor], p: float, coef: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """phi_p (times ``coef``, a CPU 0-d tensor, if given) in place on every dense contiguous CPU float32 tensor of
+    ``xs`` in ONE kernel call (one OpenMP region); returns the tensors it left for the caller's per-tensor path
+    (other devices, dtypes, layouts, or all of them where the kernel is off). Nothing is built when no tensor
+    is a CPU float32 one."""
     p = float(p)
-    if not _wants_kernel(p):
+    if not _wants_kernel(p) or (coef is not None and coef.device.type != "cpu"):
         return list(xs)
     mine = [x for x in xs if dense_cpu_f32(x)]
     if not mine or len({x.data_ptr() for x in mine}) < len(mine):  # a tensor twice would race with itself
@@ -236,8 +237,33 @@ def sign_power_cpu_many_(xs: Sequence[torch.Tensor], p: float) -> list[torch.Ten
     kernel = _kernel_or_none()
     if kernel is None:
         return list(xs)
-    kernel.sign_power_many(mine, p, torch.get_num_threads())
+    kernel.sign_power_many(mine, p, torch.get_num_threads(), coef=1.0 if coef is None else float(coef))
     return [x for x in xs if not dense_cpu_f32(x)]
+
+
+def phi_sumsq_eager(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Sum of ``phi_p(x)**2 = |x|**(2p)`` over ``x`` in float64 (0-d, on x's device); 4M-element chunks bound the
+    float64 temporary as in :func:`sign_power_eager_`."""
+    flat = x.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, flat.numel(), _EAGER_CHUNK):
+        block = flat[start : start + _EAGER_CHUNK].to(torch.float64).abs_()
+        total += (block.square_() if p == 1.0 else block.pow_(2.0 * p)).sum()
+    return total
+
+
+def phi_sumsq_cpu_many(xs: Sequence[torch.Tensor], p: float) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """Sum of ``phi_p(x)**2`` over the dense contiguous CPU float32 tensors of ``xs`` in ONE read-only kernel call
+    (float64, 0-d; None where none qualifies or the kernel is off), and the tensors left for the caller.
+    p = 1 is left to the caller (the squares of g are exact in float64 there; the AVX-512 phi is not the identity)."""
+    p = float(p)
+    if p == 1.0 or not _wants_kernel(p):
+        return None, list(xs)
+    mine = [x for x in xs if dense_cpu_f32(x)]
+    kernel = _kernel_or_none() if mine else None
+    if kernel is None:
+        return None, list(xs)
+    return kernel.phi_sumsq_many(mine, p, torch.get_num_threads()).sum(), [x for x in xs if not dense_cpu_f32(x)]
 
 
 def sign_power_(x: torch.Tensor, p: float) -> None:

@@ -245,18 +245,19 @@ def take_fused_muon_powers(optimizer: torch.optim.Optimizer) -> dict[int, float]
     """For ``MuonAdamW.step``: ``{id(group): p}`` of the Muon groups whose phi this step fuses into the momentum.
 
     Called only when the optimizer's ``applies_gradpower_in_step`` made the global hook stand aside: unless
-    :func:`hf_gradpower.apply_now` already transformed the gradients, the other GradPower groups get phi here.
+    :func:`hf_gradpower.apply_now` already transformed the gradients, the other GradPower groups get phi here,
+    times the clip coefficient that :func:`hf_gradpower.clip_and_power_` left, if any (the momentum kernel takes
+    none: every group then gets phi and the coefficient in one pass over its gradients).
     """
-    from hf_gradpower.attach import GROUP_KEY, take_applied_flag  # attach imports transform, which imports us
-    from hf_gradpower.transform import power_
+    # attach imports transform, which imports us
+    from hf_gradpower.attach import GROUP_KEY, power_groups_, take_applied_flag, take_clip_coef
 
-    if take_applied_flag(optimizer):
-        return {}
+    applied, coef = take_applied_flag(optimizer), take_clip_coef(optimizer)
     fused = {}
-    for group in optimizer.param_groups:
-        p = group.get(GROUP_KEY, 1.0)
-        if fuses_muon_power(group, p):
-            fused[id(group)] = p
-        elif p != 1.0:
-            power_((q.grad for q in group["params"]), p)
+    if not applied and coef is None:
+        for group in optimizer.param_groups:
+            p = group.get(GROUP_KEY, 1.0)
+            if fuses_muon_power(group, p):
+                fused[id(group)] = p
+    power_groups_(optimizer, coef=coef, phi=not applied, skip=frozenset(fused))
     return fused

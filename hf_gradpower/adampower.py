@@ -26,7 +26,7 @@ import torch
 from hf_gradpower import _kernels, accel
 from hf_gradpower._kernels import dense_cpu_f32
 from hf_gradpower.adamw_step import adamw_group_step, is_plain_adamw
-from hf_gradpower.attach import GROUP_KEY, attach, take_applied_flag
+from hf_gradpower.attach import GROUP_KEY, attach, take_applied_flag, take_clip_coef
 from hf_gradpower.transform import DEFAULT_POWER, power_
 
 __all__ = ["AdamPower"]
@@ -52,25 +52,28 @@ class AdamPower(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         already_applied = take_applied_flag(self)
+        coef = take_clip_coef(self)  # from clip_and_power_: phi(g) is multiplied by it
         for group in self.param_groups:
-            p = group.get(GROUP_KEY, 1.0)
-            if p != 1.0 and not already_applied and accel.adamw_power_group_step(self, group, p):
+            p = group.get(GROUP_KEY, 1.0) if not already_applied else 1.0
+            if p != 1.0 and coef is None and accel.adamw_power_group_step(self, group, p):
                 continue  # accelerators: phi fused into AdamW by a Triton kernel (never builds the CPU kernel)
-            if p == 1.0 or already_applied or not _one_pass_step(self, group, p):
-                if p != 1.0 and not already_applied:
-                    power_((q.grad for q in group["params"]), p)
+            if p == 1.0 or not _one_pass_step(self, group, p, coef):
+                if p != 1.0 or coef is not None:
+                    power_((q.grad for q in group["params"]), p, coef=coef)
                 adamw_group_step(self, group)
         return loss
 
 
-def _one_pass_step(optimizer: torch.optim.AdamW, group: dict, p: float) -> bool:
-    """AdamW on phi_p(g) for the whole group in ONE C call (one OpenMP region over all its tensors); returns
+def _one_pass_step(optimizer: torch.optim.AdamW, group: dict, p: float, coef: torch.Tensor | None = None) -> bool:
+    """AdamW on coef * phi_p(g) for the whole group in ONE C call (one OpenMP region over all its tensors); returns
     False, before any update, if the group doesn't qualify. Devices are checked before the kernel is
     touched, so a step on accelerator (or meta) tensors never builds or validates the CPU kernel."""
     if not is_plain_adamw(group) or not 0.0 < p <= _kernels.FAST_P_MAX or _kernels.kernel_mode() == "eager":
         return False
     params = [q for q in group["params"] if q.grad is not None]
     if not params or not all(dense_cpu_f32(q) and dense_cpu_f32(q.grad) for q in params):
+        return False
+    if coef is not None and coef.device.type != "cpu":
         return False
     if not _kernels.fast_kernel_available():
         return False
@@ -94,6 +97,7 @@ def _one_pass_step(optimizer: torch.optim.AdamW, group: dict, p: float) -> bool:
             )
         hyper.extend(hyper_by_step[step])
     _kernels.fast_kernel().adamw_power_many(
-        params_, grads, exp_avgs, exp_avg_sqs, p, (ctypes.c_float * len(hyper))(*hyper), torch.get_num_threads()
+        params_, grads, exp_avgs, exp_avg_sqs, p, (ctypes.c_float * len(hyper))(*hyper), torch.get_num_threads(),
+        coef=1.0 if coef is None else float(coef),
     )
     return True

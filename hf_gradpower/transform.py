@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 
 from hf_gradpower import accel
-from hf_gradpower._kernels import sign_power_, sign_power_cpu_many_
+from hf_gradpower._kernels import phi_sumsq_cpu_many, phi_sumsq_eager, sign_power_, sign_power_cpu_many_
 
 DEFAULT_POWER = 1.2
 
@@ -78,33 +78,60 @@ def sign_power_tensor_(g: torch.Tensor, p: float) -> torch.Tensor:
 
 @torch.no_grad()
 def power_(
-    grads: Iterable[torch.Tensor | None], p: float, *, grad_scale: torch.Tensor | float | None = None
+    grads: Iterable[torch.Tensor | None], p: float, *, grad_scale: torch.Tensor | float | None = None,
+    coef: torch.Tensor | None = None,
 ) -> None:
     """Apply phi_p in place to every tensor in ``grads`` (``None`` entries are skipped).
 
     ``grad_scale``: the loss scale the gradients still carry (GradScaler); the result is
     ``s * phi(g / s)`` so that dividing by ``s`` later yields ``phi`` of the true gradient.
-    ``p == 1`` is the identity and returns without touching memory (bit-exact baseline).
+    ``coef``: a clip coefficient (0-d tensor) multiplied into phi(g) in the same pass where the kernel allows
+    (the CPU C kernel), else right after it.
+    ``p == 1`` is the identity and returns without touching memory (bit-exact baseline), unless ``coef`` is given.
     """
     p = validate_power(p)
+    grads = [g for g in grads if g is not None]
     if p == 1.0:
+        if coef is not None and grads:
+            torch._foreach_mul_([_checked_local(g) for g in grads], coef)
         return
     on_accelerator, others = [], []  # local tensors (DTensor shards unwrapped), split by where phi runs
     for g in grads:
-        if g is not None:
-            local = _checked_local(g)
-            (on_accelerator if accel.takes_triton_path(local) else others).append(local)
+        local = _checked_local(g)
+        (on_accelerator if accel.takes_triton_path(local) else others).append(local)
     if on_accelerator:  # one multi-tensor launch, the loss scale folded into the kernel
         accel.sign_power_tensors_(on_accelerator, p, grad_scale=grad_scale)
-    if grad_scale is None:  # CPU float32 gradients: one C kernel call for all of them
-        others = sign_power_cpu_many_(others, p)
+        if coef is not None:
+            torch._foreach_mul_(on_accelerator, coef)
+    if grad_scale is None:  # CPU float32 gradients: one C kernel call for all of them, coef in the same pass
+        others = sign_power_cpu_many_(others, p, coef=coef)
     for g in others:
-        if grad_scale is None:
-            sign_power_tensor_(g, p)
-        else:
+        if grad_scale is not None:
             g.div_(grad_scale)
-            sign_power_tensor_(g, p)
+        sign_power_tensor_(g, p)
+        if grad_scale is not None:
             g.mul_(grad_scale)
+        if coef is not None:
+            g.mul_(coef)
+
+
+@torch.no_grad()
+def power_sq_sum(grads: Iterable[torch.Tensor | None], p: float) -> torch.Tensor | None:
+    """Sum of phi_p(g)**2 over every element of the local gradients (DTensor: this rank's shard), read only.
+
+    float64, 0-d, on the first gradient's device (None without gradients): one kernel call for the CPU float32
+    gradients, float64 torch ops for the rest.
+    """
+    p = validate_power(p)
+    local = [_checked_local(g) for g in grads if g is not None]
+    if not local:
+        return None
+    total, rest = phi_sumsq_cpu_many(local, p)
+    device = local[0].device
+    total = torch.zeros((), dtype=torch.float64, device=device) if total is None else total.to(device)
+    for g in rest:
+        total += phi_sumsq_eager(g, p).to(device)
+    return total
 
 
 def sign_power(g: torch.Tensor, p: float) -> torch.Tensor:
