@@ -246,10 +246,14 @@ class GradPowerTrainer(Trainer):
         return super()._clip_grad_norm(model)
 
     def _clips_with_power(self, model) -> bool:
-        """Whether clip_and_power_ can stand in for Trainer's clipping: plain, DDP and FSDP2 gradients (DeepSpeed,
-        FSDP1 and XLA clip inside their own engines; mixed meshes take Trainer's own reduction)."""
+        """Whether clip_and_power_ stands in for Trainer's clipping: GradPower with some p != 1 on plain, DDP or
+        FSDP2 gradients (DeepSpeed, FSDP1 and XLA clip inside their own engines; mixed meshes take Trainer's own
+        reduction; without phi Trainer's clipping is the same thing)."""
         from accelerate.utils import DistributedType
 
+        optimizer = inner_optimizer(self.optimizer)
+        if not any(group.get(GROUP_KEY, 1.0) != 1.0 for group in optimizer.param_groups):
+            return False
         kind = self.accelerator.distributed_type
         if kind in (DistributedType.DEEPSPEED, DistributedType.XLA) or (kind == DistributedType.FSDP and not
                                                                          self.accelerator.is_fsdp2):

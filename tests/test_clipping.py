@@ -22,6 +22,7 @@ import torch
 from conftest import patterned_tokens, tiny_llama
 
 import hf_gradpower as gp
+from hf_gradpower.trainer import GradPowerTrainer, GradPowerTrainingArguments
 
 LR, STEPS = 1e-3, 3
 KINDS = ("adampower", "muonpower", "adamw+attach", "sgd+attach")
@@ -197,3 +198,46 @@ def test_gradient_accumulation_in_a_custom_loop_applies_phi_once_to_the_sum():
     reference_step(b, opt_b, 0.05)
     for x, y in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(x.detach(), y.detach(), rtol=0, atol=1e-6)
+
+
+class PhiThenTrainerClipping(GradPowerTrainer):
+    """The reference route inside Trainer: phi written into the gradients (apply_now), then Trainer's clipping."""
+
+    def _clips_with_power(self, model) -> bool:
+        return False
+
+
+def trainer_run(cls, tmp_path, **kw):
+    rows = patterned_tokens(48, 12, seed=4)
+    args = GradPowerTrainingArguments(**{
+        "output_dir": str(tmp_path / cls.__name__), "per_device_train_batch_size": 4, "learning_rate": 3e-3,
+        "max_steps": 6, "logging_steps": 1, "save_strategy": "no", "report_to": [], "use_cpu": True, "seed": 0,
+        "data_seed": 0, "lr_scheduler_type": "constant", "weight_decay": 0.1, "disable_tqdm": True, **kw})  # fmt: skip
+    trainer = cls(model=tiny_llama(), args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return trainer, [h["loss"] for h in logs], [h["grad_norm"] for h in logs]
+
+
+@pytest.mark.parametrize("optim", ["adampower", "muonpower", "sgdpower"])
+def test_trainer_default_order_takes_the_fused_route_and_matches_phi_then_trainer_clipping(tmp_path, optim):
+    """GradPowerTrainer's default (before_clip), with gradient accumulation (2 micro-batches) and active clipping:
+    the logged grad_norm is that of phi(g), and losses, norms and parameters equal the apply_now route."""
+    kw = dict(optim=optim, gradpower_p=1.3, max_grad_norm=0.05, gradient_accumulation_steps=2)
+    fused, losses, norms = trainer_run(GradPowerTrainer, tmp_path, **kw)
+    ref, ref_losses, ref_norms = trainer_run(PhiThenTrainerClipping, tmp_path, **kw)
+    assert fused._clips_with_power(fused.model) and min(ref_norms) > 0.05  # fused route; clipping active
+    # Muon: a bf16 rounding flip in Newton-Schulz changes the later gradients a little
+    rel = 1e-4 if optim == "muonpower" else 1e-6
+    assert norms[0] == pytest.approx(ref_norms[0], rel=1e-6)
+    assert norms == pytest.approx(ref_norms, rel=rel) and losses == pytest.approx(ref_losses, rel=rel)
+    tol = STEPS * 3e-3 * 2e-2 * 2 if optim == "muonpower" else 1e-5  # 6 steps: twice the 3-step Muon bound
+    for a, b in zip(fused.model.parameters(), ref.model.parameters(), strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=tol)
+
+
+def test_trainer_with_p_one_keeps_trainer_clipping_bit_for_bit(tmp_path):
+    """p = 1: Trainer's own clipping and AdamW, the same bits as the baseline optimizer."""
+    _, losses, norms = trainer_run(GradPowerTrainer, tmp_path, optim="adampower", gradpower_p=1.0, max_grad_norm=0.05)
+    _, base_losses, base_norms = trainer_run(PhiThenTrainerClipping, tmp_path / "b", optim="adamw", max_grad_norm=0.05)
+    assert losses == base_losses and norms == base_norms
