@@ -34,10 +34,14 @@ from hf_gradpower import _kernels
 VARIANTS = ("native", "avx2", "portable")
 
 
-def bench_model(device: str) -> torch.nn.Module:
+def bench_model(device: str, small: bool = False) -> torch.nn.Module:
+    """The ~34M-parameter benchmark LLaMA (``small``: a ~0.1M one for smoke runs)."""
     config = LlamaConfig(
         vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=8, tie_word_embeddings=False,
+    ) if not small else LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(device)
@@ -122,11 +126,15 @@ def phi_kernels(device: str, variants: tuple[str, ...]) -> dict[str, _kernels.Cp
     return out
 
 
-def time_steps(device: str, steps: int, warmup: int, rows: list[tuple[str, str | None]], kernels: dict) -> dict:
-    """Median and quartiles (ms) of each (optimizer, kernel) row, all rows interleaved step by step."""
+def time_steps(device: str, steps: int, warmup: int, rows: list[tuple[str, str | None]], kernels: dict,
+               build_fn=None, step_fn=None, small: bool = False) -> dict:
+    """Median and quartiles (ms) of each (optimizer, kernel) row, all rows interleaved step by step.
+
+    ``build_fn(model, name)`` builds a row's optimizer (default :func:`build`); ``step_fn(name, optimizer, model)``
+    is the timed work (default ``optimizer.step()``)."""
     names = list(dict.fromkeys(n for n, _ in rows))
-    models = {n: bench_model(device) for n in names}
-    optimizers = {n: build(models[n], n) for n in names}
+    models = {n: bench_model(device, small) for n in names}
+    optimizers = {n: (build_fn or build)(models[n], n) for n in names}
     gen = torch.Generator(device="cpu").manual_seed(1)
     saved = [(torch.randn(p.shape, generator=gen) * 1e-3).to(device) for p in models[names[0]].parameters()]
     times: dict[str, list[float]] = {}
@@ -140,7 +148,10 @@ def time_steps(device: str, steps: int, warmup: int, rows: list[tuple[str, str |
             with _kernels.using_kernel(kernels[label]) if label in kernels else contextlib.nullcontext():
                 sync(device)
                 t0 = time.perf_counter()
-                optimizers[n].step()
+                if step_fn is None:
+                    optimizers[n].step()
+                else:
+                    step_fn(n, optimizers[n], models[n])
                 sync(device)
             if i >= warmup:
                 times.setdefault(f"{n}[{label}]" if label else n, []).append(time.perf_counter() - t0)

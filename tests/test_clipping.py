@@ -241,3 +241,16 @@ def test_trainer_with_p_one_keeps_trainer_clipping_bit_for_bit(tmp_path):
     _, losses, norms = trainer_run(GradPowerTrainer, tmp_path, optim="adampower", gradpower_p=1.0, max_grad_norm=0.05)
     _, base_losses, base_norms = trainer_run(PhiThenTrainerClipping, tmp_path / "b", optim="adamw", max_grad_norm=0.05)
     assert losses == base_losses and norms == base_norms
+
+
+def test_clipped_step_benchmark_times_every_route_and_names_the_cpu(tmp_path):
+    from benchmarks import clipped_step
+
+    result = clipped_step.main(["--device", "cpu", "--smoke", "--threads", "1", "--steps", "2", "--warmup", "0",
+                                "--variants", "native,eager", "--out", str(tmp_path)])  # fmt: skip
+    rows = result["threads"]["1"]["rows"]
+    assert {"adamw", "sgd", "adampower[eager-torch]", "adampower-apply_now[eager-torch]", "sgdpower[eager-torch]"} <= set(rows)
+    assert set(result["threads"]["muon"]["rows"]) == {"muon", "muonpower"}
+    assert set(clipped_step.ratios(result["threads"]["1"])) == {k for k in rows if "power" in k}
+    report = (tmp_path / "clipped_step_cpu_smoke.md").read_text()
+    assert result["cpu"] in report and "adampower-apply_now" in report
