@@ -34,7 +34,7 @@ import torch
 
 import hf_gradpower as gp
 from benchmarks.optimizer_step import VARIANTS, cpu_name, phi_kernels, time_steps
-from hf_gradpower import _kernels
+from hf_gradpower.kernels import cpu
 
 MAX_NORM = 1.0
 APPLY_NOW = "-apply_now"
@@ -76,7 +76,7 @@ def run(device: str, threads: list[int], steps: int, warmup: int, muon: bool, va
         print(markdown_block(str(t), results[str(t)]))
     if muon:
         fastest = next((k for k in kernels.values() if k is not None), None)
-        with _kernels.using_kernel(fastest) if device == "cpu" else contextlib.nullcontext():
+        with cpu.using_kernel(fastest) if device == "cpu" else contextlib.nullcontext():
             results["muon"] = time_steps(device, steps, warmup, [("muon", None), ("muonpower", None)], {}, **timed)
     return {
         "device": device if device == "cpu" else torch.cuda.get_device_name(),

@@ -5,7 +5,7 @@
 Compiles the step as the field does (``fullgraph=True, dynamic=False``, every scalar a 0-d tensor, cache
 limit lifted: one graph per parameter shape) for the distinct shapes of the 34M-parameter benchmark LLaMA,
 and times the first call of each shape (compile) and a second call with a new lr (must not recompile).
-The figure backs the choice of Triton in :mod:`hf_gradpower.accel`.
+The figure backs the choice of Triton in :mod:`hf_gradpower.kernels.triton`.
 """
 
 from __future__ import annotations

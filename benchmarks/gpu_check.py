@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM
 import hf_gradpower as gp
 from benchmarks.optimizer_step import build, state_bytes, sync
 from benchmarks.throughput import OPTIMIZERS, StepTimer, summarize
-from hf_gradpower import _kernels, accel
+from hf_gradpower.kernels import dispatch, triton
 from hf_gradpower.model_configs import load_model_config
 from hf_gradpower.pretrain import run
 
@@ -88,10 +88,7 @@ def scaled_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def path_of(t: torch.Tensor) -> str:
-    if accel.takes_triton_path(t):
-        return "triton"
-    fast = t.device.type == "cpu" and t.dtype == torch.float32 and _kernels.fast_kernel_available()
-    return f"cpu-{_kernels.kernel_info()['impl']}" if fast else "eager-torch"
+    return dispatch.backend_name(t)
 
 
 def gradients(n: int, device: str, seed: int = 0) -> torch.Tensor:
@@ -154,12 +151,7 @@ def check_muon_momentum(device: str, n: int, p: float) -> list[dict]:
         grad = (gradients(n, device) * 1e-2).to(dtype).reshape(-1, 64)
         buf = (gradients(n, device, seed=5) * 1e-3).to(dtype).reshape(-1, 64)
         h, b0 = phi64(grad, p), buf.double()
-        if accel.takes_triton_path(grad):
-            update = accel.muon_power_momentum_(grad, buf, mu, p, nesterov=True)
-        else:
-            g = gp.sign_power(grad, p)
-            buf.lerp_(g, 1 - mu)
-            update = g.lerp(buf, mu)
+        update = dispatch.muon_momentum_(grad, buf, mu, p, nesterov=True)
         ref_buf = b0 + (1 - mu) * (h - b0)
         error = max(scaled_error(buf, ref_buf), scaled_error(update, h + mu * (ref_buf - h)))
         rows.append(dict(check=f"MuonPower momentum (Nesterov), {str(dtype)[6:]}", path=path_of(grad), error=error,
@@ -336,7 +328,7 @@ def main(argv=None) -> dict:
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     result = {
         "load_average": load_average, "cpus": os.cpu_count(), "device": name, "device_type": args.device, "size": size_name, "p": args.p, "torch": torch.__version__,
-        "triton": __import__("triton").__version__ if accel.triton_available() else "not installed",
+        "triton": __import__("triton").__version__ if triton.triton_available() else "not installed",
         "correctness": correctness, "model_config": size["model_config"], "steps": size["steps"],
         "step": time_optimizer_steps(args.device, size["model_config"], size["steps"]),
         "copy_gbps": copy_bandwidth_gbps(args.device, n * 16),

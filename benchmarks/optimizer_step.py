@@ -29,7 +29,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_gradpower as gp
-from hf_gradpower import _kernels
+from hf_gradpower.kernels import cpu
 
 VARIANTS = ("native", "avx2", "portable")
 
@@ -109,14 +109,14 @@ def build(model: torch.nn.Module, name: str):
     return gp.build_optimizer(model, name, **hyper)
 
 
-def phi_kernels(device: str, variants: tuple[str, ...]) -> dict[str, _kernels.CpuKernel | None]:
+def phi_kernels(device: str, variants: tuple[str, ...]) -> dict[str, cpu.CpuKernel | None]:
     """Label -> kernel (None: eager torch ops) for every variant this machine builds and validates."""
     if device != "cpu":
         return {"eager-torch": None}
-    out: dict[str, _kernels.CpuKernel | None] = {}
+    out: dict[str, cpu.CpuKernel | None] = {}
     for v in (v for v in variants if v != "eager"):
         try:
-            k = _kernels.load_variant(v)
+            k = cpu.load_variant(v)
         except RuntimeError as exc:
             print(f"variant {v}: not available ({exc})")
             continue
@@ -145,7 +145,7 @@ def time_steps(device: str, steps: int, warmup: int, rows: list[tuple[str, str |
                     p.grad = g.clone()
                 else:
                     p.grad.copy_(g)
-            with _kernels.using_kernel(kernels[label]) if label in kernels else contextlib.nullcontext():
+            with cpu.using_kernel(kernels[label]) if label in kernels else contextlib.nullcontext():
                 sync(device)
                 t0 = time.perf_counter()
                 if step_fn is None:
@@ -179,7 +179,7 @@ def run(device: str, threads: list[int], steps: int, warmup: int, compile_: bool
         results[str(t)] = time_steps(device, steps, warmup, rows, kernels)
         print(markdown_block(t, results[str(t)]))
     if muon:
-        with _kernels.using_kernel(next((k for k in kernels.values() if k is not None), None)):
+        with cpu.using_kernel(next((k for k in kernels.values() if k is not None), None)):
             results["muon"] = time_steps(device, steps, warmup, [("muon", None), ("muonpower", None)], {})
     return {
         "device": device if device == "cpu" else torch.cuda.get_device_name(),

@@ -6,7 +6,8 @@ A neutral module so that the base optimizer (``MuonAdamW``) does not import its 
 from __future__ import annotations
 
 import torch
-from torch.optim.adam import adam
+
+from hf_gradpower.kernels.eager import torch_adamw_
 
 
 def adamw_group_step(optimizer: torch.optim.AdamW, group: dict) -> None:
@@ -17,21 +18,12 @@ def adamw_group_step(optimizer: torch.optim.AdamW, group: dict) -> None:
     """
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = [], [], [], [], [], []
     has_complex = optimizer._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
-    if not params:
-        return
-    beta1, beta2 = group["betas"]
-    adam(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-        amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2, lr=group["lr"],
-        weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-        foreach=group["foreach"], capturable=group["capturable"], differentiable=group["differentiable"],
-        fused=group["fused"], grad_scale=None, found_inf=None,
-        decoupled_weight_decay=group.get("decoupled_weight_decay", True),
-    )
+    if params:
+        torch_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, group, has_complex)
 
 
 def is_plain_adamw(group: dict) -> bool:
-    """The AdamW options the fused GradPower kernels (CPU one-pass, Triton) implement: decoupled weight
+    """The AdamW options the fused GradPower kernels (C, Triton) implement: decoupled weight
     decay and float hyper-parameters; no amsgrad, maximize, capturable or differentiable."""
     if group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"]:
         return False

@@ -68,9 +68,7 @@ def clip_and_power_(
             if q.grad is not None:
                 by_layout.setdefault(_layout(q.grad), []).append(q.grad)
         for layout, grads in by_layout.items():
-            part = power_sq_sum(grads, p)
-            if grad_scale is not None:  # sum of phi(s g)^2 = s^2p sum of phi(g)^2
-                part = part * torch.as_tensor(grad_scale, dtype=torch.float64, device=part.device).pow(-2.0 * p)
+            part = power_sq_sum(grads, p, grad_scale=grad_scale)
             sums[layout] = part if layout not in sums else sums[layout] + part.to(sums[layout].device)
     if not sums:
         return torch.zeros(())

@@ -1,6 +1,6 @@
 /* GradPower CPU kernels: phi_p(x) = sign(x) |x|^p in place (times a clip coefficient), the sum of squares of
    phi_p(x) (read only: the norm that clipping needs), and one AdamW step on coef * phi_p(g) that reads each
-   gradient once. Built at first use by hf_gradpower/_cpu_kernel.py (no torch headers, plain C99 + OpenMP).
+   gradient once. Built at first use by hf_gradpower/kernels/cpu.py (no torch headers, plain C99 + OpenMP).
 
    One of three implementations is compiled, chosen by what the compiler targets:
      GP_IMPL 2  AVX-512F/DQ (x86-64-v4): p-form 2^(p e + p log2 m), getexp/getmant, 32-entry in-register
@@ -13,7 +13,7 @@
      GP_IMPL 1  portable C (ARM NEON, other ISAs, or -DGP_PORTABLE): the same q-form per element, written so
                 that the compiler auto-vectorises it (no libm calls in the loop).
    k[0..2] = (qh, ql, qf): q = p - 1 split so that qh * e is exact; k[3..5] = (ph, pl, pf): the same split of p.
-   k[6], k[7]: the AVX2 fast path's input window [k6, k7) = [2^-E, 2^(E+1)) (see _window in _cpu_kernel.py). */
+   k[6], k[7]: the AVX2 fast path's input window [k6, k7) = [2^-E, 2^(E+1)) (see _window in kernels/cpu.py). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -285,7 +285,7 @@ static void gp_init(gp_consts *c, const float *k) {
 }
 
 /* sign(x) |x|^p = x 2^(q e + q log2 m), |x| = m 2^e, for 8 lanes whose |x| lies in the window [2^-E, 2^(E+1))
-   (_window in _cpu_kernel.py): no special values, and x, x 2^f and |x|^p are all normal.
+   (_window in kernels/cpu.py): no special values, and x, x 2^f and |x|^p are all normal.
    y = q (e + L) = n + f with qh e exact and the small terms (q L, ql e) added last. Two forms:
    * short (deg 7, i.e. |q| <= 1/4): n = round(qh e) from the exponent alone, so the rounding is off the
      dependency chain: f = ((qh e - n) + ql e) + QL t, |f| <= 1/2 + |q| / 2 + |ql| E < 0.64 (|log2 m| <= 1/2,

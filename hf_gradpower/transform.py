@@ -5,7 +5,7 @@ commutes with data-parallel sharding (it works on FSDP2 ``DTensor`` shards) and 
 state. It is pure torch on purpose: optimizers, the Trainer and custom loops all call it.
 
 Numerics. ``|g|^p`` underflows and loses digits in bf16/fp16 when ``p > 1`` (|g| ~ 1e-4 is common),
-so low-precision gradients are transformed in fp32 and rounded back once. Loss-scaled gradients
+so low-precision gradients are transformed in fp32 (or float64) and rounded back once. Loss-scaled gradients
 ``s * g`` must be unscaled first, because ``phi(s * g) = s^p * phi(g)``: ``grad_scale=s`` gives
 ``s * phi(g / s)``, i.e. the transform of the true gradient, still carrying the scale the fused
 AdamW kernel (or the clipping code) will divide out.
@@ -18,12 +18,10 @@ from collections.abc import Iterable
 
 import torch
 
-from hf_gradpower import accel
-from hf_gradpower._kernels import phi_sumsq_cpu_many, phi_sumsq_eager, sign_power_, sign_power_cpu_many_
+from hf_gradpower.kernels import dispatch
 
 DEFAULT_POWER = 1.2
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def validate_power(p: float) -> float:
@@ -61,18 +59,7 @@ def _checked_local(g: torch.Tensor) -> torch.Tensor:
 
 def sign_power_tensor_(g: torch.Tensor, p: float) -> torch.Tensor:
     """In place ``g <- sign(g) * |g|^p`` for one dense floating tensor; returns ``g``."""
-    local = _checked_local(g)
-    if local.numel() == 0:
-        return g
-    if accel.takes_triton_path(local):  # accelerators: one fp32 pass in a Triton kernel
-        accel.sign_power_tensors_([local], p)
-        return g
-    if local.dtype in _LOW_PRECISION:
-        work = local.float()
-        sign_power_(work, p)
-        local.copy_(work)
-    else:  # fp32: the fast kernel; fp64: the kernels' eager path, in its own precision
-        sign_power_(local, p)
+    dispatch.phi_([_checked_local(g)], p)
     return g
 
 
@@ -85,52 +72,36 @@ def power_(
 
     ``grad_scale``: the loss scale the gradients still carry (GradScaler); the result is
     ``s * phi(g / s)`` so that dividing by ``s`` later yields ``phi`` of the true gradient.
-    ``coef``: a clip coefficient (0-d tensor) multiplied into phi(g) in the same pass where the kernel allows
-    (the CPU C kernel), else right after it.
+    ``coef``: a clip coefficient (0-d float32 tensor) multiplied into the result in the same pass
+    (:func:`hf_gradpower.clip_and_power_` leaves it for the step).
     ``p == 1`` is the identity and returns without touching memory (bit-exact baseline), unless ``coef`` is given.
+    Each kernel backend gets its share of the tensors in one call (see :mod:`hf_gradpower.kernels`).
     """
     p = validate_power(p)
-    grads = [g for g in grads if g is not None]
+    local = [_checked_local(g) for g in grads if g is not None]
     if p == 1.0:
-        if coef is not None and grads:
-            torch._foreach_mul_([_checked_local(g) for g in grads], coef)
+        if coef is not None and local:
+            torch._foreach_mul_(local, coef)
         return
-    on_accelerator, others = [], []  # local tensors (DTensor shards unwrapped), split by where phi runs
-    for g in grads:
-        local = _checked_local(g)
-        (on_accelerator if accel.takes_triton_path(local) else others).append(local)
-    if on_accelerator:  # one multi-tensor launch, the loss scale folded into the kernel
-        accel.sign_power_tensors_(on_accelerator, p, grad_scale=grad_scale)
-        if coef is not None:
-            torch._foreach_mul_(on_accelerator, coef)
-    if grad_scale is None:  # CPU float32 gradients: one C kernel call for all of them, coef in the same pass
-        others = sign_power_cpu_many_(others, p, coef=coef)
-    for g in others:
-        if grad_scale is not None:
-            g.div_(grad_scale)
-        sign_power_tensor_(g, p)
-        if grad_scale is not None:
-            g.mul_(grad_scale)
-        if coef is not None:
-            g.mul_(coef)
+    dispatch.phi_(local, p, grad_scale=grad_scale, coef=coef)
 
 
 @torch.no_grad()
-def power_sq_sum(grads: Iterable[torch.Tensor | None], p: float) -> torch.Tensor | None:
-    """Sum of phi_p(g)**2 over every element of the local gradients (DTensor: this rank's shard), read only.
-
-    float64, 0-d, on the first gradient's device (None without gradients): one kernel call for the CPU float32
-    gradients, float64 torch ops for the rest.
-    """
+def power_sq_sum(
+    grads: Iterable[torch.Tensor | None], p: float, *, grad_scale: torch.Tensor | float | None = None
+) -> torch.Tensor | None:
+    """Sum of phi_p(g)**2 over every element of the local gradients (a DTensor's shard on this rank), read only;
+    with ``grad_scale`` s that of the true gradients g / s. float64, 0-d, on the first gradient's device (None
+    without gradients). Each kernel backend reads its share in one call."""
     p = validate_power(p)
     local = [_checked_local(g) for g in grads if g is not None]
     if not local:
         return None
-    total, rest = phi_sumsq_cpu_many(local, p)
     device = local[0].device
-    total = torch.zeros((), dtype=torch.float64, device=device) if total is None else total.to(device)
-    for g in rest:
-        total += phi_sumsq_eager(g, p).to(device)
+    total = torch.stack([s.to(device, torch.float64) for s in dispatch.phi_sum_sq(local, p, grad_scale=grad_scale)])
+    total = total.sum()
+    if grad_scale is not None:  # the backends sum (s phi(g / s))^2
+        total = total / torch.as_tensor(grad_scale, dtype=torch.float64, device=device).square()
     return total
 
 

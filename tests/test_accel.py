@@ -21,11 +21,12 @@ pytest.importorskip("triton", reason="the accelerator path needs triton (pip ins
 
 import hf_gradpower as gp  # noqa: E402
 from benchmarks.gpu_check import phi64, ulps  # noqa: E402
-from hf_gradpower import accel  # noqa: E402
+from hf_gradpower.adampower import one_pass_step  # noqa: E402
+from hf_gradpower.kernels import triton as triton_backend  # noqa: E402
 from tests.conftest import tiny_llama  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-KERNELS = "hf_gradpower._triton_kernels"
+KERNELS = "hf_gradpower.kernels._triton_jit"
 
 
 @pytest.fixture
@@ -48,11 +49,11 @@ def assert_close_scaled(x: torch.Tensor, ref: torch.Tensor, k: float) -> None:
 
 def test_takes_triton_path_only_on_accelerators_or_under_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not accel.takes_triton_path(torch.ones(3))
+    assert not triton_backend.takes(torch.ones(3))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert accel.takes_triton_path(torch.ones(3))
-    assert not accel.takes_triton_path(torch.ones(3, dtype=torch.float64))  # fp64 keeps the eager path
-    assert not accel.takes_triton_path(torch.ones(3, device="meta"))
+    assert triton_backend.takes(torch.ones(3))
+    assert not triton_backend.takes(torch.ones(3, dtype=torch.float64))  # fp64 keeps the eager path
+    assert not triton_backend.takes(torch.ones(3, device="meta"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -109,7 +110,7 @@ def test_fused_adampower_equals_phi_then_torch_adamw(interpreter, p):
         for q, r, g in zip(fused, ref, grads, strict=True):
             q.grad, r.grad = g.clone(), phi64(g, p).float()
         if p == 1.0:  # AdamPower at p = 1 is torch's own step (bit-identical); here: the kernel without phi
-            assert accel.adamw_power_group_step(opt, opt.param_groups[0], 1.0)
+            assert one_pass_step(opt, opt.param_groups[0], 1.0)
         else:
             opt.step()
         ref_opt.step()
@@ -157,7 +158,7 @@ def test_muon_fused_momentum_equals_phi_then_lerp(interpreter, dtype, nesterov):
     grad = (torch.randn(40, 60, generator=gen) * 1e-3).to(dtype)
     buf = (torch.randn(40, 60, generator=gen) * 1e-3).to(dtype)
     raw, buf0 = grad.clone(), buf.clone()
-    update = accel.muon_power_momentum_(grad, buf, mu, p, nesterov)
+    update = triton_backend.muon_momentum_(grad, buf, mu, p, nesterov)
     assert torch.equal(grad, raw)  # g itself is not rewritten
     if dtype == torch.float32:  # against torch's own ops on phi(g)
         ref_grad, ref_buf = phi64(raw, p).float(), buf0.clone()
@@ -199,11 +200,11 @@ def test_no_cpu_kernel_build_when_every_tensor_takes_the_triton_path():
     """AdamPower and power_ on Triton-path tensors never build or validate the CPU C kernel."""
     code = (
         "import torch, hf_gradpower as gp\n"
-        "from hf_gradpower import _kernels\n"
+        "from hf_gradpower.kernels import cpu\n"
         "q = torch.nn.Parameter(torch.randn(64, 64)); q.grad = torch.randn(64, 64)\n"
         "opt = gp.AdamPower([q], lr=1e-3); opt.step(); gp.power_([q.grad], 1.2)\n"
         "assert opt.state[q]['step'].item() == 1\n"
-        "print(_kernels.kernel_info()['initialised'])\n"
+        "print(cpu.kernel_info()['initialised'])\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -236,16 +237,17 @@ def test_kernels_compile_for_an_h100_with_fp32_math_and_vector_loads(compiled_ke
         fn=compiled_kernels.phi_kernel,
         signature={"addr_ptr": "*i64", **table, "scale_ptr": "*fp32", **powers,
                    **dict.fromkeys(("HAS_SCALE", "DTYPE", "ALIGNED", "BLOCK"), "constexpr")},
-        constexprs={"HAS_SCALE": True, "DTYPE": tl.bfloat16, "ALIGNED": True, "BLOCK": accel.BLOCK},
+        constexprs={"HAS_SCALE": True, "DTYPE": tl.bfloat16, "ALIGNED": True, "BLOCK": triton_backend.BLOCK},
     )  # fmt: skip
     addresses = ("param_addr_ptr", "grad_addr_ptr", "exp_avg_addr_ptr", "exp_avg_sq_addr_ptr")
     adamw = ASTSource(
         fn=compiled_kernels.adamw_power_kernel,
-        signature={**dict.fromkeys(addresses, "*i64"), **table, "step_hyper_ptr": "*fp32", **powers,
-                   **dict.fromkeys(("decay", "beta1", "beta2", "eps"), "fp32"),
-                   **dict.fromkeys(("APPLY_PHI", "PARAM_DTYPE", "GRAD_DTYPE", "ALIGNED", "BLOCK"), "constexpr")},
-        constexprs={"APPLY_PHI": True, "PARAM_DTYPE": tl.float32, "GRAD_DTYPE": tl.bfloat16, "ALIGNED": True,
-                    "BLOCK": accel.BLOCK},
+        signature={**dict.fromkeys(addresses, "*i64"), **table, "step_hyper_ptr": "*fp32", "coef_ptr": "*fp32",
+                   **powers, **dict.fromkeys(("decay", "beta1", "beta2", "eps"), "fp32"),
+                   **dict.fromkeys(("APPLY_PHI", "HAS_COEF", "PARAM_DTYPE", "GRAD_DTYPE", "ALIGNED", "BLOCK"),
+                                   "constexpr")},
+        constexprs={"APPLY_PHI": True, "HAS_COEF": True, "PARAM_DTYPE": tl.float32, "GRAD_DTYPE": tl.bfloat16, "ALIGNED": True,
+                    "BLOCK": triton_backend.BLOCK},
     )  # fmt: skip
     for source in (phi, adamw):
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
@@ -263,7 +265,7 @@ def test_dtensor_shards_take_the_same_fused_path(interpreter, cpu_mesh):
     sharded.grad, plain.grad = distribute_tensor(grad.clone(), cpu_mesh, [Shard(0)]), grad.clone()
     opts = [gp.AdamPower([q], lr=1e-2, weight_decay=0.1) for q in (sharded, plain)]
     for opt in opts:
-        assert accel.adamw_power_group_step(opt, opt.param_groups[0], 1.2)  # the fused path, not a fallback
+        assert one_pass_step(opt, opt.param_groups[0], 1.2)  # the fused path, not a fallback
     assert type(opts[0].state[sharded]["exp_avg"]).__name__ == "DTensor"  # state as torch's AdamW keeps it
     assert torch.equal(sharded.full_tensor(), plain.detach())
     assert torch.equal(opts[0].state[sharded]["exp_avg_sq"].full_tensor(), opts[1].state[plain]["exp_avg_sq"])

@@ -11,10 +11,10 @@ from conftest import tiny_llama
 from test_attach import phi_reference, run_steps
 
 import hf_gradpower as gp
-from hf_gradpower import _kernels
 from hf_gradpower.adampower import AdamPower
+from hf_gradpower.kernels import cpu, dispatch
 
-needs_kernel = pytest.mark.skipif(not _kernels.fast_kernel_available(), reason="C kernel unavailable")
+needs_kernel = pytest.mark.skipif(not cpu.fast_kernel_available(), reason="C kernel unavailable")
 HYPER = dict(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
 
 
@@ -110,12 +110,12 @@ def test_groups_the_kernel_does_not_implement_fall_back_to_phi_then_torch(option
 
 
 def test_eager_kernel_mode_and_bf16_params_take_the_fallback(monkeypatch):
-    monkeypatch.setenv(_kernels.ENV_VAR, "eager")
+    monkeypatch.setenv(dispatch.ENV_VAR, "eager")
     ours, ref = _params(), _params()
     list(_run(AdamPower(ours, p=1.2, **HYPER), ours, 2))
     list(_run(gp.attach(torch.optim.AdamW(ref, **HYPER), 1.2), ref, 2))
     assert all(torch.equal(a, b) for a, b in zip(ours, ref, strict=True))
-    monkeypatch.delenv(_kernels.ENV_VAR)
+    monkeypatch.delenv(dispatch.ENV_VAR)
     half = [torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16))]
     opt = AdamPower(half, p=1.2, **HYPER)
     half[0].grad = torch.full((64,), 1e-2, dtype=torch.bfloat16)

@@ -7,17 +7,27 @@ import subprocess
 import pytest
 import torch
 
-from hf_gradpower import _cpu_kernel as C
-from hf_gradpower import _kernels as K
+from hf_gradpower.kernels import cpu as C
+from hf_gradpower.kernels import dispatch, eager
 
 PS = [0.5, 0.8, 0.9, 1.1, 1.2, 1.3, 1.5, 2.0]
 ULP_BOUND = 4.0
 
 
+def auto_(x, p):
+    """phi of one tensor through the dispatcher (the C kernel where it passed its self-check, else eager)."""
+    dispatch.phi_([x], p)
+
+
+def fast_(x, p):
+    """phi of one tensor by the C backend itself."""
+    C.phi_([x], p)
+
+
 def _paths():
-    paths = [("eager", K.sign_power_eager_), ("auto", K.sign_power_)]
-    if K.fast_kernel_available():
-        paths.append(("fast", K.sign_power_fast_))
+    paths = [("eager", eager.sign_power_), ("auto", auto_)]
+    if C.fast_kernel_available():
+        paths.append(("fast", fast_))
     return paths
 
 
@@ -113,14 +123,14 @@ def test_subnormal_inputs_absolute(name, fn, p):
 def test_error_metric_can_fail():
     x = VALUE_SETS["gauss"].clone()
     y = x.clone()
-    K.sign_power_eager_(y, 1.2)
+    eager.sign_power_(y, 1.2)
     assert _ulp_err(x, y, 1.2) <= 1.0
     y_bad = y * (1 + 5 * 2.0**-23)
     assert _ulp_err(x, y_bad, 1.2) > ULP_BOUND
-    assert K.max_ulp_error(x, y_bad, 1.2) > ULP_BOUND
-    assert K.max_ulp_error(x, y, 1.2) <= 1.0
+    assert C.max_ulp_error(x, y_bad, 1.2) > ULP_BOUND
+    assert C.max_ulp_error(x, y, 1.2) <= 1.0
     z = x.clone()
-    K.sign_power_eager_(z, 1.3)  # wrong p: far off
+    eager.sign_power_(z, 1.3)  # wrong p: far off
     assert _ulp_err(x, z, 1.2) > 1e3
 
 
@@ -155,14 +165,14 @@ def test_empty_and_shapes(name, fn):
 
 
 def test_fast_matches_eager_large_multithreaded():
-    if not K.fast_kernel_available():
-        pytest.skip("fast kernel unavailable: " + K.kernel_info()["reason"])
+    if not C.fast_kernel_available():
+        pytest.skip("fast kernel unavailable: " + C.kernel_info()["reason"])
     x = torch.randn(1_000_003) * 1e-3  # above the OpenMP threshold, odd tail
     for p in (0.8, 1.2):
         a = x.clone()
         b = x.clone()
-        K.sign_power_fast_(a, p)
-        K.sign_power_eager_(b, p)
+        fast_(a, p)
+        eager.sign_power_(b, p)
         assert (
             float(((a.double() - b.double()).abs() / b.double().abs().clamp_min(1e-38)).max()) < 4 * 2.0**-23
         )
@@ -170,42 +180,42 @@ def test_fast_matches_eager_large_multithreaded():
 
 def test_env_var_modes(monkeypatch):
     x = VALUE_SETS["gauss"][:1000].clone()
-    monkeypatch.setenv(K.ENV_VAR, "eager")
+    monkeypatch.setenv(dispatch.ENV_VAR, "eager")
     y = x.clone()
-    K.sign_power_(y, 1.2)
+    auto_(y, 1.2)
     ref = x.clone()
-    K.sign_power_eager_(ref, 1.2)
+    eager.sign_power_(ref, 1.2)
     assert torch.equal(y, ref)
-    monkeypatch.setenv(K.ENV_VAR, "bogus")
+    monkeypatch.setenv(dispatch.ENV_VAR, "bogus")
     with pytest.raises(ValueError):
-        K.sign_power_(x.clone(), 1.2)
-    monkeypatch.setenv(K.ENV_VAR, "fast")
+        auto_(x.clone(), 1.2)
+    monkeypatch.setenv(dispatch.ENV_VAR, "fast")
     y = x.clone()
-    if K.fast_kernel_available():
-        K.sign_power_(y, 1.2)
+    if C.fast_kernel_available():
+        auto_(y, 1.2)
         assert _ulp_err(x, y, 1.2) <= ULP_BOUND
     else:
         with pytest.raises(RuntimeError):
-            K.sign_power_(y, 1.2)
+            auto_(y, 1.2)
 
 
 def test_other_dtypes_and_p_one():
     x = torch.randn(1000, dtype=torch.float64)
     y = x.clone()
-    K.sign_power_(y, 1.2)
+    auto_(y, 1.2)
     assert torch.allclose(y, x.abs().pow(1.2) * x.sign(), rtol=1e-12, atol=0)
     z = torch.randn(100)
     w = z.clone()
-    K.sign_power_(w, 1.0)
+    auto_(w, 1.0)
     assert torch.equal(w, z)
 
 
 def test_kernel_info_and_validation_fallback(monkeypatch, caplog):
-    info = K.kernel_info()
+    info = C.kernel_info()
     assert {"available", "impl", "init_seconds", "reason", "mode"} <= set(info)
-    if not K.fast_kernel_available():
+    if not C.fast_kernel_available():
         pytest.skip("fast kernel unavailable")
-    good = K.fast_kernel()
+    good = C.fast_kernel()
 
     class Bad:  # a deliberately wrong kernel (p off by 1e-4) must be rejected by validation, with a warning
         impl = "bad"
@@ -216,25 +226,25 @@ def test_kernel_info_and_validation_fallback(monkeypatch, caplog):
         def sign_power_many(xs, p, nthreads):
             good.sign_power_many(xs, p * 1.0001, nthreads)
 
-    ok, msg = C.validate(Bad(), K.sign_power_eager_)
+    ok, msg = C.validate(Bad(), eager.sign_power_)
     assert not ok, msg
-    ok, msg = C.validate(good, K.sign_power_eager_)
+    ok, msg = C.validate(good, eager.sign_power_)
     assert ok, msg
 
-    saved = dict(K._state)
+    saved = dict(C._state)
     monkeypatch.setattr(C, "build", lambda: Bad())
-    K._state.update(initialised=False, kernel=None)
+    C._state.update(initialised=False, kernel=None)
     try:
         with caplog.at_level("WARNING"):
-            assert not K.fast_kernel_available()
+            assert not C.fast_kernel_available()
         assert any("failed validation" in r.message for r in caplog.records)
         x = VALUE_SETS["gauss"][:1000].clone()
         y = x.clone()
-        K.sign_power_(y, 1.2)  # auto -> eager fallback, still correct
+        auto_(y, 1.2)  # auto -> eager fallback, still correct
         assert _ulp_err(x, y, 1.2) <= ULP_BOUND
     finally:
-        K._state.clear()
-        K._state.update(saved)
+        C._state.clear()
+        C._state.update(saved)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,7 +252,7 @@ def test_kernel_info_and_validation_fallback(monkeypatch, caplog):
 # ----------------------------------------------------------------------------------------------------------
 def _variant(name):
     try:
-        return K.load_variant(name)
+        return C.load_variant(name)
     except RuntimeError as exc:
         pytest.skip(f"variant {name} not buildable here: {exc}")
 
@@ -436,21 +446,21 @@ def test_no_cpu_kernel_is_built_for_tensors_that_are_not_on_the_cpu():
     import hf_gradpower as gp
     from hf_gradpower.adampower import AdamPower
 
-    saved = dict(K._state)
-    K._state.clear()
-    K._state.update(initialised=False, kernel=None, reason="not initialised")
+    saved = dict(C._state)
+    C._state.clear()
+    C._state.update(initialised=False, kernel=None, reason="not initialised")
     try:
         params = [torch.nn.Parameter(torch.empty(1000, 64, device="meta")) for _ in range(3)]
         for q in params:
             q.grad = torch.empty_like(q)
         gp.power_([q.grad for q in params], 1.2)
-        assert K.sign_power_cpu_many_([q.grad for q in params], 1.2) == [q.grad for q in params]
+        assert all(dispatch.backend_for(q.grad) is eager for q in params)
         opt = AdamPower(params, lr=1e-3, p=1.2, foreach=True)
         opt.step()
-        assert K._state["initialised"] is False and K._state["kernel"] is None
+        assert C._state["initialised"] is False and C._state["kernel"] is None
         # and the same calls on CPU tensors do initialise it (so the check above can fail)
         gp.power_([torch.randn(10)], 1.2)
-        assert K._state["initialised"] is True
+        assert C._state["initialised"] is True
     finally:
-        K._state.clear()
-        K._state.update(saved)
+        C._state.clear()
+        C._state.update(saved)

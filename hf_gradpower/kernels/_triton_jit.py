@@ -1,6 +1,6 @@
 """Triton kernels for GradPower on accelerators: phi, AdamW on phi(g), Muon momentum on phi(g).
 
-Only ``@triton.jit`` code lives here (imported lazily by :mod:`hf_gradpower.accel`, which launches them).
+Only ``@triton.jit`` code lives here (imported lazily by :mod:`hf_gradpower.kernels.triton`, which launches them).
 Every kernel reads each element once and writes it once, in any storage dtype (fp32/bf16/fp16), with the
 math in fp32 registers.
 
@@ -99,6 +99,19 @@ def _phi_body(g_ptr, offsets, mask, qh, ql, ph, pl, scale, scale_e, scale_lm):
 
 
 @triton.jit
+def _scale_parts(scale_ptr, HAS_SCALE: tl.constexpr):
+    """The loss scale s and (e, log2 m) of it; (1, 0, 0) without one. A power-of-two s (GradScaler's) has
+    log2 m = 0, so it is folded into the exponent exactly."""
+    scale = 1.0
+    scale_e = 0.0
+    scale_lm = 0.0
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float32)
+        scale_e, scale_lm = _log2_parts(scale)
+    return scale, scale_e, scale_lm
+
+
+@triton.jit
 def phi_kernel(
     addr_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, scale_ptr, qh, ql, ph, pl,
     HAS_SCALE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
@@ -110,12 +123,7 @@ def phi_kernel(
     """
     tid, offsets, whole, numel = _block(numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK)
     g_ptr = _typed(addr_ptr, tid, DTYPE, ALIGNED)
-    scale = 1.0
-    scale_e = 0.0
-    scale_lm = 0.0
-    if HAS_SCALE:  # a power-of-two scale (GradScaler's) is folded in exactly: log2 m = 0
-        scale = tl.load(scale_ptr).to(tl.float32)
-        scale_e, scale_lm = _log2_parts(scale)
+    scale, scale_e, scale_lm = _scale_parts(scale_ptr, HAS_SCALE)
     if whole:
         _phi_body(g_ptr, offsets, None, qh, ql, ph, pl, scale, scale_e, scale_lm)
     else:
@@ -123,13 +131,29 @@ def phi_kernel(
 
 
 @triton.jit
+def phi_sum_sq_kernel(
+    addr_ptr, numel_ptr, block_tensor_ptr, block_start_ptr, scale_ptr, partial_ptr, qh, ql, ph, pl,
+    HAS_SCALE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``partial[b] = sum over block b of (s * phi_p(g / s))**2`` (fp32; the gradients are only read)."""
+    tid, offsets, whole, numel = _block(numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK)
+    g_ptr = _typed(addr_ptr, tid, DTYPE, ALIGNED)
+    scale, scale_e, scale_lm = _scale_parts(scale_ptr, HAS_SCALE)
+    g = tl.load(g_ptr + offsets, mask=offsets < numel, other=0.0).to(tl.float32)
+    h = _phi(g, qh, ql, ph, pl, scale, scale_e, scale_lm)
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(h * h, axis=0))
+
+
+@triton.jit
 def _adamw_body(
-    param_ptr, grad_ptr, m_ptr, v_ptr, offsets, mask, step_size, bias_correction2_sqrt, qh, ql, ph, pl, decay,
-    beta1, beta2, eps, APPLY_PHI: tl.constexpr,
+    param_ptr, grad_ptr, m_ptr, v_ptr, offsets, mask, step_size, bias_correction2_sqrt, coef, qh, ql, ph, pl, decay,
+    beta1, beta2, eps, APPLY_PHI: tl.constexpr, HAS_COEF: tl.constexpr,
 ):
     g = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     if APPLY_PHI:
         g = _phi(g, qh, ql, ph, pl, 1.0, 0.0, 0.0)
+    if HAS_COEF:
+        g = g * coef
     x = tl.load(param_ptr + offsets, mask=mask).to(tl.float32) * decay
     m = _lerp(tl.load(m_ptr + offsets, mask=mask).to(tl.float32), g, 1.0 - beta1)
     v = tl.load(v_ptr + offsets, mask=mask).to(tl.float32) * beta2 + (1.0 - beta2) * (g * g)
@@ -143,12 +167,13 @@ def _adamw_body(
 @triton.jit
 def adamw_power_kernel(
     param_addr_ptr, grad_addr_ptr, exp_avg_addr_ptr, exp_avg_sq_addr_ptr, numel_ptr, block_tensor_ptr,
-    block_start_ptr, step_hyper_ptr, qh, ql, ph, pl, decay, beta1, beta2, eps, APPLY_PHI: tl.constexpr,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    block_start_ptr, step_hyper_ptr, coef_ptr, qh, ql, ph, pl, decay, beta1, beta2, eps, APPLY_PHI: tl.constexpr,
+    HAS_COEF: tl.constexpr, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One AdamW step on phi_p(g), torch's formulas; state in the parameter's dtype (whole blocks unmasked).
 
-    ``step_hyper[t] = (lr / bias_correction1, sqrt(bias_correction2))`` of tensor ``t``; ``decay = 1 - lr * wd``.
+    ``step_hyper[t] = (lr / bias_correction1, sqrt(bias_correction2))`` of tensor ``t``; ``decay = 1 - lr * wd``;
+    ``coef`` (a clipping factor, when HAS_COEF) multiplies phi(g).
     """
     tid, offsets, whole, numel = _block(numel_ptr, block_tensor_ptr, block_start_ptr, BLOCK)
     param_ptr = _typed(param_addr_ptr, tid, PARAM_DTYPE, ALIGNED)
@@ -157,20 +182,23 @@ def adamw_power_kernel(
     v_ptr = _typed(exp_avg_sq_addr_ptr, tid, PARAM_DTYPE, ALIGNED)
     step_size = tl.load(step_hyper_ptr + 2 * tid)
     bias_correction2_sqrt = tl.load(step_hyper_ptr + 2 * tid + 1)
+    coef = 1.0
+    if HAS_COEF:
+        coef = tl.load(coef_ptr).to(tl.float32)
     if whole:
-        _adamw_body(param_ptr, grad_ptr, m_ptr, v_ptr, offsets, None, step_size, bias_correction2_sqrt, qh, ql, ph,
-                    pl, decay, beta1, beta2, eps, APPLY_PHI)
+        _adamw_body(param_ptr, grad_ptr, m_ptr, v_ptr, offsets, None, step_size, bias_correction2_sqrt, coef, qh, ql,
+                    ph, pl, decay, beta1, beta2, eps, APPLY_PHI, HAS_COEF)
     else:
         _adamw_body(param_ptr, grad_ptr, m_ptr, v_ptr, offsets, offsets < numel, step_size, bias_correction2_sqrt,
-                    qh, ql, ph, pl, decay, beta1, beta2, eps, APPLY_PHI)
+                    coef, qh, ql, ph, pl, decay, beta1, beta2, eps, APPLY_PHI, HAS_COEF)
 
 
 @triton.jit
 def muon_power_momentum_kernel(
-    grad_ptr, buf_ptr, update_ptr, numel, momentum, qh, ql, ph, pl,
-    APPLY_PHI: tl.constexpr, NESTEROV: tl.constexpr, BLOCK: tl.constexpr,
+    grad_ptr, buf_ptr, update_ptr, coef_ptr, numel, momentum, qh, ql, ph, pl,
+    APPLY_PHI: tl.constexpr, HAS_COEF: tl.constexpr, NESTEROV: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Muon's momentum on phi_p(g): ``buf <- lerp(buf, phi(g), 1 - mu)``; Nesterov ``update = lerp(phi(g), buf, mu)``.
+    """Muon's momentum on h = coef * phi_p(g): ``buf <- lerp(buf, h, 1 - mu)``; Nesterov ``update = lerp(h, buf, mu)``.
 
     Reads g and buf once, writes buf (and the Nesterov update) once; every tensor in its own dtype.
     """
@@ -179,6 +207,8 @@ def muon_power_momentum_kernel(
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if APPLY_PHI:
         g = _phi(g, qh, ql, ph, pl, 1.0, 0.0, 0.0)
+    if HAS_COEF:
+        g = g * tl.load(coef_ptr).to(tl.float32)
     buf = _lerp(tl.load(buf_ptr + offsets, mask=mask, other=0.0).to(tl.float32), g, 1.0 - momentum)
     buf = buf.to(buf_ptr.dtype.element_ty)
     tl.store(buf_ptr + offsets, buf, mask=mask)
