@@ -17,6 +17,12 @@ p = 1: bit-identical (torch's clipping runs).
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import patterned_tokens, tiny_llama
@@ -101,6 +107,41 @@ def test_fused_route_equals_phi_then_clip_grad_norm_then_step(kind, p, max_norm,
     for got, want in zip(model.parameters(), ref_model.parameters(), strict=True):
         tol = dict(rtol=2.0**-6, atol=LR) if bf16 else dict(rtol=0, atol=param_tol)
         torch.testing.assert_close(got.detach().float(), want.detach().float(), **tol)
+
+
+TRITON_SCRIPT = """
+import json, sys, torch
+from hf_gradpower.kernels import dispatch
+from tests.test_clipping import STEPS, fused_step, reference_step, run, states
+out = {}
+for kind in ("adampower", "muonpower"):
+    ref_model, ref_opt, ref_norms = run(kind, 1.2, 1e-3, torch.float32, reference_step)
+    model, opt, norms = run(kind, 1.2, 1e-3, torch.float32, fused_step)
+    pairs = zip(model.parameters(), ref_model.parameters(), strict=True)
+    out[kind] = {
+        "backend": dispatch.backend_name(torch.zeros(4)),
+        "norm_rel": ((norms - ref_norms).abs() / ref_norms).max().item(),
+        "state": max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(states(opt), states(ref_opt))),
+        "param_abs": max((a - b).abs().max().item() for a, b in pairs),
+    }
+print(json.dumps(out))
+"""
+
+
+def test_fused_route_on_the_triton_backend_equals_the_reference():
+    """The accelerator route, run by Triton's interpreter on CPU tensors: the norm from the read-only Triton pass,
+    the coefficient inside the AdamW kernel / the Muon momentum kernel. Same tolerances as fp32 on CPU. In a
+    fresh process: the interpreter must be on before triton is first imported (its tl.sum is a jit function)."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for kind, r in json.loads(proc.stdout.strip().splitlines()[-1]).items():  # AdamPower, MuonPower
+        assert r["backend"] == "triton"
+        assert r["norm_rel"] <= 1e-6 and r["state"] <= 1e-5, (kind, r)
+        assert r["param_abs"] <= (STEPS * LR * 2e-2 if kind == "muonpower" else 1e-6), (kind, r)
 
 
 @pytest.mark.parametrize("kind", ["adampower", "sgd+attach", "adamw+attach"])
