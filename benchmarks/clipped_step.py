@@ -25,15 +25,20 @@ bytes per fp32 parameter: ``adamw`` 40 (norm 4, scaling 8, AdamW 28), ``adampowe
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-from pathlib import Path
 
 import torch
 
 import hf_gradpower as gp
-from benchmarks.optimizer_step import VARIANTS, cpu_name, phi_kernels, time_steps
+from benchmarks.optimizer_step import (
+    cpu_name,
+    markdown_report,
+    parse_step_args,
+    phi_kernels,
+    step_parser,
+    time_steps,
+    write_report,
+)
 from hf_gradpower.kernels import cpu
 
 MAX_NORM = 1.0
@@ -62,8 +67,15 @@ def clipped_step(name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Mo
     optimizer.step()
 
 
-def run(device: str, threads: list[int], steps: int, warmup: int, muon: bool, variants: tuple[str, ...],
-        small: bool = False) -> dict:
+def run(
+    device: str,
+    threads: list[int],
+    steps: int,
+    warmup: int,
+    muon: bool,
+    variants: tuple[str, ...],
+    small: bool = False,
+) -> dict:
     kernels = phi_kernels(device, variants)
     rows: list[tuple[str, str | None]] = [("adamw", None), ("sgd", None)]
     for name in ("adampower", "adampower" + APPLY_NOW, "sgdpower"):
@@ -77,7 +89,9 @@ def run(device: str, threads: list[int], steps: int, warmup: int, muon: bool, va
     if muon:
         fastest = next((k for k in kernels.values() if k is not None), None)
         with cpu.using_kernel(fastest) if device == "cpu" else contextlib.nullcontext():
-            results["muon"] = time_steps(device, steps, warmup, [("muon", None), ("muonpower", None)], {}, **timed)
+            results["muon"] = time_steps(
+                device, steps, warmup, [("muon", None), ("muonpower", None)], {}, **timed
+            )
     return {
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "cpu": cpu_name(),
@@ -113,7 +127,7 @@ def markdown_block(threads: str, block: dict) -> str:
 
 def markdown(result: dict) -> str:
     first = next(iter(result["threads"].values()))
-    lines = [
+    head = [
         f"### Clipping + optimizer step on {result['device']}: {result['cpu']}",
         "",
         f"{first['parameters'] / 1e6:.1f}M parameters, clipping to max_norm {result['max_norm']} (active), median of "
@@ -121,48 +135,17 @@ def markdown(result: dict) -> str:
         "AdamW (Trainer's AdamW with clipping), `sgd` = clip_grad_norm_ + SGD, `muon` = clip_grad_norm_ + Muon. "
         "`adampower` = GradPowerTrainer's default path (clip_and_power_ + the one-pass step); `-apply_now` = phi "
         "written first, then clip_grad_norm_, then the step.",
-        "",
-        "phi implementations: " + "; ".join(f"`{k}`: {' '.join(v) if isinstance(v, list) else v}"
-                                            for k, v in result["kernels"].items()),  # fmt: skip
-        "",
     ]
-    for threads, block in result["threads"].items():
-        lines.append(markdown_block(threads, block))
-    return "\n".join(lines)
+    return markdown_report(head, result, markdown_block)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", default="1,2", help="comma-separated CPU thread counts (default 1,2)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--variants", default=",".join((*VARIANTS, "eager")),
-                        help="CPU phi implementations to time (default: all of native,avx2,portable,eager)")
-    parser.add_argument("--no-muon", action="store_true", help="skip Muon vs MuonPower (slow on CPU)")
+    parser = step_parser(__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny model: checks that the benchmark runs")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available; use --device cpu")
-    try:
-        threads = [int(t) for t in args.threads.split(",")]
-    except ValueError:
-        parser.error(f"--threads must be comma-separated integers, got {args.threads!r}")
-    if args.steps < 2 or args.warmup < 0 or any(t < 1 for t in threads):
-        parser.error("--steps must be >= 2, --warmup >= 0 and every thread count >= 1")
-    variants = tuple(v for v in args.variants.split(",") if v)
-    unknown = set(variants) - {*VARIANTS, "eager"}
-    if unknown:
-        parser.error(f"unknown --variants {sorted(unknown)}; choose from {', '.join((*VARIANTS, 'eager'))}")
+    args, threads, variants = parse_step_args(parser, argv)
     result = run(args.device, threads, args.steps, args.warmup, not args.no_muon, variants, small=args.smoke)
-    report = markdown(result)
-    print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"clipped_step_{args.device}" + ("_smoke" if args.smoke else "")
-    (args.out / f"{stem}.md").write_text(report)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out / stem}.md and .json")
+    write_report(args.out, stem, markdown(result), result)
     return result
 
 

@@ -209,33 +209,40 @@ def markdown_block(threads, block: dict) -> str:
 
 def markdown(result: dict) -> str:
     first = next(iter(result["threads"].values()))
-    lines = [
+    head = [
         f"### Optimizer step on {result['device']}: {result['cpu']}",
         "",
         f"{first['parameters'] / 1e6:.1f}M parameters, median of {result['steps']} interleaved steps, "
         f"torch {result['torch']}. Optimizer state (MB): "
         + ", ".join(f"{n} {b / 2**20:.1f}" for n, b in first["state_bytes"].items()),
-        "",
-        "phi implementations: " + "; ".join(f"`{k}`: {' '.join(v) if isinstance(v, list) else v}"
-                                            for k, v in result["kernels"].items()),
-        "",
     ]
-    for threads, block in result["threads"].items():
-        lines.append(markdown_block(threads, block))
+    return markdown_report(head, result, markdown_block)
+
+
+def markdown_report(head: list[str], result: dict, block) -> str:
+    """``head``, the phi implementations that ran, then ``block(threads, results)`` per thread count."""
+    lines = [*head, "", "phi implementations: " + "; ".join(f"`{k}`: {' '.join(v) if isinstance(v, list) else v}"
+                                                         for k, v in result["kernels"].items()), ""]  # fmt: skip
+    lines += [block(threads, results) for threads, results in result["threads"].items()]
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_parser(description: str) -> argparse.ArgumentParser:
+    """The options every optimizer-step benchmark takes (device, threads, steps, phi implementations, output)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", default="1,2", help="comma-separated CPU thread counts (default 1,2)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="add the torch.compile (Inductor) row on CPU")
     parser.add_argument("--variants", default=",".join((*VARIANTS, "eager")),
                         help="CPU phi implementations to time (default: all of native,avx2,portable,eager)")
     parser.add_argument("--no-muon", action="store_true", help="skip Muon vs MuonPower (slow on CPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    return parser
+
+
+def parse_step_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, list[int], tuple[str, ...]]:
+    """Parsed options, thread counts and phi implementations; one clear error for each bad value."""
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available; use --device cpu")
@@ -243,21 +250,29 @@ def main(argv=None) -> None:
         threads = [int(t) for t in args.threads.split(",")]
     except ValueError:
         parser.error(f"--threads must be comma-separated integers, got {args.threads!r}")
-    if args.steps < 2 or any(t < 1 for t in threads):
-        parser.error("--steps must be >= 2 and every thread count >= 1")
+    if args.steps < 2 or args.warmup < 0 or any(t < 1 for t in threads):
+        parser.error("--steps must be >= 2, --warmup >= 0 and every thread count >= 1")
     variants = tuple(v for v in args.variants.split(",") if v)
     unknown = set(variants) - {*VARIANTS, "eager"}
     if unknown:
         parser.error(f"unknown --variants {sorted(unknown)}; choose from {', '.join((*VARIANTS, 'eager'))}")
-    result = run(args.device, threads, args.steps, args.warmup, args.compile, not args.no_muon, variants)
-    report = markdown(result)
-    print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"optimizer_step_{args.device}"
-    (args.out / f"{stem}.md").write_text(report)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out / stem}.md and .json")
+    return args, threads, variants
 
+
+def write_report(out: Path, stem: str, report: str, result: dict) -> None:
+    print(report)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(report)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / stem}.md and .json")
+
+
+def main(argv=None) -> None:
+    parser = step_parser(__doc__.splitlines()[0])
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile (Inductor) row on CPU")
+    args, threads, variants = parse_step_args(parser, argv)
+    result = run(args.device, threads, args.steps, args.warmup, args.compile, not args.no_muon, variants)
+    write_report(args.out, f"optimizer_step_{args.device}", markdown(result), result)
 
 if __name__ == "__main__":
     main()

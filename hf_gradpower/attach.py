@@ -96,6 +96,8 @@ def apply_now(optimizer: torch.optim.Optimizer, *, grad_scale: torch.Tensor | fl
     """Transform the gradients now (e.g. before clipping) and skip the transform at the next ``step``.
 
     ``grad_scale`` is the loss scale the gradients still carry, if any (GradScaler before unscale_).
+    For clip(phi(g)), :func:`hf_gradpower.clip_and_power_` in place of this + ``clip_grad_norm_`` gives the same
+    update with fewer passes over the gradients (the norm of phi read only; phi and the coefficient at the step).
     """
     optimizer = inner_optimizer(optimizer)
     power_groups_(optimizer, grad_scale=grad_scale)

@@ -6,12 +6,12 @@ float32 reduction of torch's norm (ours sums the squares in float64), measured <
 <= 1e-6. That difference reaches the update through the clip coefficient and, for AdamPower, the one-pass C
 AdamW against torch's AdamW: optimizer state (exp_avg, exp_avg_sq, momentum) within 1e-5 of each tensor's
 largest entry (m's terms cancel where it crosses zero, so a pointwise relative bound means nothing), parameters
-within 1e-6 absolute after 3 steps of lr 1e-3. MuonPower's parameters within 3 steps x lr x 2e-2 (Newton-Schulz
+within 1e-6 absolute after 2 steps of lr 1e-3. MuonPower's parameters within 2 steps x lr x 2e-2 (Newton-Schulz
 runs in bf16: a rounding flip per step), its momentum as the other states. bf16 gradients: torch clips bf16
 gradients with a bf16 norm and coefficient (and the reference rounds phi to bf16 before that), so its update
 carries about four bf16 roundings (2^-9 each) and ours two: norms within 2^-7 relative, states within 2^-5 of
 each tensor's largest entry (measured up to 1.5%), bf16 parameters within 2^-6 relative (two rounding flips of
-the parameter in 3 steps) or one lr where the parameter is smaller than the update.
+the parameter in 2 steps) or one lr where the parameter is smaller than the update.
 p = 1: bit-identical (torch's clipping runs).
 """
 
@@ -30,7 +30,7 @@ from conftest import patterned_tokens, tiny_llama
 import hf_gradpower as gp
 from hf_gradpower.trainer import GradPowerTrainer, GradPowerTrainingArguments
 
-LR, STEPS = 1e-3, 3
+LR, STEPS = 1e-3, 2
 KINDS = ("adampower", "muonpower", "adamw+attach", "sgd+attach")
 
 
@@ -98,11 +98,17 @@ def test_fused_route_equals_phi_then_clip_grad_norm_then_step(kind, p, max_norm,
         assert torch.equal(norms, ref_norms) and all(torch.equal(a, b) for a, b in pairs)
         return
     bf16 = dtype == torch.bfloat16
-    assert (norms > 1e-3).all() if max_norm < 1 else (norms < 1e3).all()  # clipping active / inactive as named
+    assert (
+        (norms > 1e-3).all() if max_norm < 1 else (norms < 1e3).all()
+    )  # clipping active / inactive as named
     torch.testing.assert_close(norms, ref_norms, rtol=2.0**-7 if bf16 else 1e-6, atol=0)
     for got, want in zip(states(opt), states(ref_opt), strict=True):
-        rel = 2.0**-5 if bf16 else 1e-5  # of the tensor's largest entry: m's terms cancel where it crosses zero
-        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=rel * want.float().abs().max().item())
+        rel = (
+            2.0**-5 if bf16 else 1e-5
+        )  # of the tensor's largest entry: m's terms cancel where it crosses zero
+        torch.testing.assert_close(
+            got.float(), want.float(), rtol=0, atol=rel * want.float().abs().max().item()
+        )
     param_tol = STEPS * LR * 2e-2 if kind == "muonpower" else 1e-6
     for got, want in zip(model.parameters(), ref_model.parameters(), strict=True):
         tol = dict(rtol=2.0**-6, atol=LR) if bf16 else dict(rtol=0, atol=param_tol)
@@ -134,7 +140,11 @@ def test_fused_route_on_the_triton_backend_equals_the_reference():
     fresh process: the interpreter must be on before triton is first imported (its tl.sum is a jit function)."""
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")]),
+    }
     proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -169,7 +179,9 @@ def test_the_norm_is_that_of_phi_and_the_gradients_stay_untouched_until_the_step
 def test_max_norm_zero_means_no_clipping(kind):
     """max_norm <= 0: the norm is returned, the step is the plain GradPower step (phi, no coefficient)."""
     a_model, a_opt, norms = run(kind, 1.2, 0.0, torch.float32, fused_step)
-    b_model, b_opt, _ = run(kind, 1.2, 0.0, torch.float32, lambda model, opt, _: opt.step() or torch.zeros(()))
+    b_model, b_opt, _ = run(
+        kind, 1.2, 0.0, torch.float32, lambda model, opt, _: opt.step() or torch.zeros(())
+    )
     assert (norms > 0).all()
     assert all(torch.equal(a, b) for a, b in zip(a_model.parameters(), b_model.parameters(), strict=True))
 
@@ -252,7 +264,7 @@ def trainer_run(cls, tmp_path, **kw):
     rows = patterned_tokens(48, 12, seed=4)
     args = GradPowerTrainingArguments(**{
         "output_dir": str(tmp_path / cls.__name__), "per_device_train_batch_size": 4, "learning_rate": 3e-3,
-        "max_steps": 6, "logging_steps": 1, "save_strategy": "no", "report_to": [], "use_cpu": True, "seed": 0,
+        "max_steps": 4, "logging_steps": 1, "save_strategy": "no", "report_to": [], "use_cpu": True, "seed": 0,
         "data_seed": 0, "lr_scheduler_type": "constant", "weight_decay": 0.1, "disable_tqdm": True, **kw})  # fmt: skip
     trainer = cls(model=tiny_llama(), args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows])
     trainer.train()
@@ -272,15 +284,19 @@ def test_trainer_default_order_takes_the_fused_route_and_matches_phi_then_traine
     rel = 1e-4 if optim == "muonpower" else 1e-6
     assert norms[0] == pytest.approx(ref_norms[0], rel=1e-6)
     assert norms == pytest.approx(ref_norms, rel=rel) and losses == pytest.approx(ref_losses, rel=rel)
-    tol = STEPS * 3e-3 * 2e-2 * 2 if optim == "muonpower" else 1e-5  # 6 steps: twice the 3-step Muon bound
+    tol = 4 * 3e-3 * 2e-2 if optim == "muonpower" else 1e-5  # 4 steps of lr 3e-3, the Muon bound above
     for a, b in zip(fused.model.parameters(), ref.model.parameters(), strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=tol)
 
 
 def test_trainer_with_p_one_keeps_trainer_clipping_bit_for_bit(tmp_path):
     """p = 1: Trainer's own clipping and AdamW, the same bits as the baseline optimizer."""
-    _, losses, norms = trainer_run(GradPowerTrainer, tmp_path, optim="adampower", gradpower_p=1.0, max_grad_norm=0.05)
-    _, base_losses, base_norms = trainer_run(PhiThenTrainerClipping, tmp_path / "b", optim="adamw", max_grad_norm=0.05)
+    _, losses, norms = trainer_run(
+        GradPowerTrainer, tmp_path, optim="adampower", gradpower_p=1.0, max_grad_norm=0.05
+    )
+    _, base_losses, base_norms = trainer_run(
+        PhiThenTrainerClipping, tmp_path / "b", optim="adamw", max_grad_norm=0.05
+    )
     assert losses == base_losses and norms == base_norms
 
 
@@ -288,9 +304,15 @@ def test_clipped_step_benchmark_times_every_route_and_names_the_cpu(tmp_path):
     from benchmarks import clipped_step
 
     result = clipped_step.main(["--device", "cpu", "--smoke", "--threads", "1", "--steps", "2", "--warmup", "0",
-                                "--variants", "native,eager", "--out", str(tmp_path)])  # fmt: skip
+                                "--variants", "eager", "--out", str(tmp_path)])  # fmt: skip
     rows = result["threads"]["1"]["rows"]
-    assert {"adamw", "sgd", "adampower[eager-torch]", "adampower-apply_now[eager-torch]", "sgdpower[eager-torch]"} <= set(rows)
+    assert {
+        "adamw",
+        "sgd",
+        "adampower[eager-torch]",
+        "adampower-apply_now[eager-torch]",
+        "sgdpower[eager-torch]",
+    } <= set(rows)
     assert set(result["threads"]["muon"]["rows"]) == {"muon", "muonpower"}
     assert set(clipped_step.ratios(result["threads"]["1"])) == {k for k in rows if "power" in k}
     report = (tmp_path / "clipped_step_cpu_smoke.md").read_text()
