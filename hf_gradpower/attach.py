@@ -111,8 +111,8 @@ def take_applied_flag(optimizer: torch.optim.Optimizer) -> bool:
     return applied
 
 
-def set_clip_coef(optimizer: torch.optim.Optimizer, coef: torch.Tensor) -> None:
-    """Leave the clip coefficient (a 0-d tensor) for the next ``step``, which multiplies phi(g) by it."""
+def set_clip_coef(optimizer: torch.optim.Optimizer, coef: torch.Tensor | None) -> None:
+    """Leave the clip coefficient (a 0-d tensor; None: none) for the next ``step``, which multiplies phi(g) by it."""
     setattr(optimizer, _CLIP_COEF, coef)
 
 

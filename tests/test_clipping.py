@@ -227,6 +227,21 @@ def test_grad_scaler_with_an_inf_step_equals_the_reference(kind):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+def test_a_coefficient_left_by_a_skipped_step_never_reaches_a_later_one():
+    """GradScaler skipped the step that should have taken the coefficient; the next call (here without
+    clipping) must not let it through: the step equals a plain GradPower step."""
+    model, plain = tiny_llama(), tiny_llama()
+    opt, plain_opt = build("adampower", model, 1.2), build("adampower", plain, 1.2)
+    grads = gradient_sets(model, 1)[0]
+    set_grads(model, grads)
+    gp.clip_and_power_(opt, 1e-3)  # its step is "skipped": never taken
+    gp.clip_and_power_(opt, 0.0)
+    opt.step()
+    set_grads(plain, grads)
+    plain_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters(), strict=True))
+
+
 def test_clip_and_power_after_apply_now_is_refused():
     model = tiny_llama()
     opt = build("adampower", model, 1.2)
