@@ -2,7 +2,10 @@
 
     python -m benchmarks.gpu_check [--device cuda|cpu] [--size full|small] [--out benchmarks/results]
 
-Writes ``gpu_check_<device>.md`` (and ``.json``). Three parts, each row says which implementation ran:
+Writes ``gpu_check_<device>.md`` (and ``.json``). First the first-contact checks of
+:mod:`hf_gradpower.gpu_check` (self-checks, Trainer steps of AdamPower / MuonPower / attach(AdamW)), then
+three parts, each row says which implementation ran; on CUDA every timed optimizer step runs under
+``torch.cuda.set_sync_debug_mode("error")``:
 
 1. Correctness against float64: phi for fp32/bf16/fp16 gradients (and a loss-scaled one), one AdamPower
    step (fp32 and bf16 parameters), MuonPower's momentum, and fp16 autocast + ``torch.amp.GradScaler`` +
@@ -35,15 +38,17 @@ from transformers import AutoModelForCausalLM
 import hf_gradpower as gp
 from benchmarks.optimizer_step import build, state_bytes, sync
 from benchmarks.throughput import OPTIMIZERS, StepTimer, summarize
+from hf_gradpower import gpu_check
 from hf_gradpower.kernels import dispatch, triton
+from hf_gradpower.kernels.selfcheck import phi64, scaled_error, ulps
 from hf_gradpower.model_configs import load_model_config
 from hf_gradpower.pretrain import run
 
 SIZES = {
     "full": dict(phi_numel=1 << 24, model_config="llama-0.25b-owt", steps=20, e2e_steps=50, e2e_warmup=10,
-                 e2e_rounds=2, seq_len=1024, batch=16),
+                 e2e_rounds=2, seq_len=1024, batch=16, quick_steps=20),
     "small": dict(phi_numel=1 << 12, model_config="llama-tiny", steps=1, e2e_steps=2, e2e_warmup=1,
-                  e2e_rounds=1, seq_len=32, batch=2),
+                  e2e_rounds=1, seq_len=32, batch=2, quick_steps=2),
 }  # fmt: skip
 PHI_ULP_BOUND = {torch.float32: 4.0, torch.bfloat16: 1.0, torch.float16: 1.0}
 STATE_K = 8  # optimizer results: |x - ref| <= STATE_K * eps * max|ref|
@@ -65,26 +70,6 @@ def cpu_model() -> str:
     flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return f"{name}, {isa}, {torch.get_num_threads()} threads"
-
-
-def phi64(g: torch.Tensor, p: float) -> torch.Tensor:
-    d = g.double()
-    return d.abs().pow(p).copysign(d)
-
-
-def ulps(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| in units of the spacing of ``x.dtype`` at ``ref`` (float64 reference); equal values
-    (infinities included) and NaN against NaN count 0."""
-    rounded = ref.to(x.dtype).abs()
-    spacing = (torch.nextafter(rounded, torch.full_like(rounded, float("inf"))) - rounded).double()
-    both_nan = x.isnan() & ref.isnan()
-    err = torch.where(both_nan | (x.double() == ref), 0.0, (x.double() - ref).abs() / spacing)
-    return err.max().item() if err.numel() else 0.0
-
-
-def scaled_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / (eps(x.dtype) * max|ref|)."""
-    return (x.double() - ref.double()).abs().max().item() / (torch.finfo(x.dtype).eps * ref.double().abs().max().item())
 
 
 def path_of(t: torch.Tensor) -> str:
@@ -223,7 +208,8 @@ def time_optimizer_steps(device: str, model_config: str, steps: int) -> dict:
                 q.grad = g.clone()
             sync(device)
             t0 = time.perf_counter()
-            optimizers[n].step()
+            with gpu_check.no_sync_allowed(torch.device(device)):
+                optimizers[n].step()
             sync(device)
             if i >= 2:
                 times[n].append(time.perf_counter() - t0)
@@ -269,13 +255,15 @@ def trainer_throughput(device: str, size: dict) -> dict:
 def markdown(result: dict) -> str:
     dev, step, e2e = result["device"], result["step"], result["trainer"]
     ok = all(r["error"] <= r["bound"] for r in result["correctness"])
+    ok = ok and all(line.startswith("PASS") for line in result["first_contact"])
     lines = [f"# GradPower GPU check on {dev} ({result['size']} sizes)", "",
              f"torch {result['torch']}, triton {result['triton']}, p = {result['p']}. Correctness: "
              f"**{'all checks pass' if ok else 'FAILED'}**.", ""]  # fmt: skip
     if result["device_type"] != "cuda":
         lines += ["**No GPU figure: this report comes from the CPU path** (same code, small sizes); the GPU "
                   "targets below do not apply to it.", ""]  # fmt: skip
-    lines += ["## 1. Correctness against float64", "", "| check | path | max error | bound | result |",
+    lines += ["## First contact (self-checks, Trainer steps)", "", "```", *result["first_contact"], "```", "",
+              "## 1. Correctness against float64", "", "| check | path | max error | bound | result |",
               "|---|---|---:|---:|---|"]  # fmt: skip
     for r in result["correctness"]:
         verdict = "pass" if r["error"] <= r["bound"] else "FAIL"
@@ -323,13 +311,14 @@ def main(argv=None) -> dict:
     size = SIZES[size_name]
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({cpu_model()})"
     n = size["phi_numel"]
+    first_contact = [check.line() for check in gpu_check.quick(torch.device(args.device), size["quick_steps"])]
     correctness = (check_phi(args.device, n, args.p) + check_adampower(args.device, n, args.p)
                    + check_muon_momentum(args.device, n, args.p) + check_grad_scaler(args.device, args.p))  # fmt: skip
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     result = {
         "load_average": load_average, "cpus": os.cpu_count(), "device": name, "device_type": args.device, "size": size_name, "p": args.p, "torch": torch.__version__,
         "triton": __import__("triton").__version__ if triton.triton_available() else "not installed",
-        "correctness": correctness, "model_config": size["model_config"], "steps": size["steps"],
+        "first_contact": first_contact, "correctness": correctness, "model_config": size["model_config"], "steps": size["steps"],
         "step": time_optimizer_steps(args.device, size["model_config"], size["steps"]),
         "copy_gbps": copy_bandwidth_gbps(args.device, n * 16),
         "peak_gbps": next((v for k, v in PEAK_GBPS.items() if k in name), None),

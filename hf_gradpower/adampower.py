@@ -71,7 +71,4 @@ def one_pass_step(optimizer: torch.optim.AdamW, group: dict, p: float, coef: tor
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
     optimizer._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
     tensors = [[_local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
-    if not backend.adamw_takes(*tensors):  # e.g. state loaded in another dtype: torch's path reads it
-        return False
-    dispatch.adamw_(backend, *tensors, steps, group, p, coef=coef)
-    return True
+    return dispatch.adamw_(backend, *tensors, steps, group, p, coef=coef)

@@ -1,6 +1,10 @@
-"""Shared fixtures: tiny models built from configs (nothing is downloaded) and synthetic token data."""
+"""Shared fixtures: tiny models built from configs (nothing is downloaded), synthetic token data, and Triton's
+interpreter."""
 
 from __future__ import annotations
+
+import importlib
+import sys
 
 import pytest
 import torch
@@ -61,3 +65,23 @@ def cpu_mesh(tmp_path):
     finally:
         if initialized_here:
             dist.destroy_process_group()
+
+
+TRITON_JIT = "hf_gradpower.kernels._triton_jit"
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 for this test only: CPU tensors take the Triton backend, its kernels interpreted.
+    The backend choices start afresh (each combination self-checks again) and are forgotten afterwards."""
+    from hf_gradpower.kernels import dispatch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    previous = sys.modules.pop(TRITON_JIT, None)
+    importlib.import_module(TRITON_JIT)  # @triton.jit reads TRITON_INTERPRET when the kernels are defined
+    dispatch.reset()
+    yield
+    dispatch.reset()
+    sys.modules.pop(TRITON_JIT, None)
+    if previous is not None:
+        sys.modules[TRITON_JIT] = previous

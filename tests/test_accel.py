@@ -10,41 +10,80 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="the accelerator path needs triton (pip install triton; Linux)")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import hf_gradpower as gp  # noqa: E402
-from benchmarks.gpu_check import phi64, ulps  # noqa: E402
 from hf_gradpower.adampower import one_pass_step  # noqa: E402
 from hf_gradpower.kernels import triton as triton_backend  # noqa: E402
+from hf_gradpower.kernels.cpu import max_ulp_error  # noqa: E402
+from hf_gradpower.kernels.selfcheck import phi64, scaled_error, ulps  # noqa: E402
 from tests.conftest import tiny_llama  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNELS = "hf_gradpower.kernels._triton_jit"
 
 
-@pytest.fixture
-def interpreter(monkeypatch):
-    """TRITON_INTERPRET=1 for this test only: CPU tensors take the Triton path, its kernels interpreted."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    previous = sys.modules.pop(KERNELS, None)
-    importlib.import_module(KERNELS)  # @triton.jit reads TRITON_INTERPRET when the kernels are defined
-    yield
-    sys.modules.pop(KERNELS, None)
-    if previous is not None:
-        sys.modules[KERNELS] = previous
-
-
 def assert_close_scaled(x: torch.Tensor, ref: torch.Tensor, k: float) -> None:
     """|x - ref| <= k * eps(x.dtype) * max|ref| elementwise."""
     bound = k * torch.finfo(x.dtype).eps * ref.double().abs().max().item()
     assert (x.double() - ref.double()).abs().max().item() <= bound
+
+
+def _emulate_fp32_arguments(monkeypatch) -> None:
+    """Python floats reach a GPU kernel as float32 parameters; the interpreter keeps them as doubles. Rounding
+    every float argument to float32 at the launch makes the interpreter see what a GPU sees."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    real = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        args = [float(np.float32(a)) if type(a) is float else a for a in args]
+        return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+
+
+@pytest.fixture
+def fp32_kernel_arguments(monkeypatch):
+    _emulate_fp32_arguments(monkeypatch)
+
+
+def _second_moment_with_one_minus_beta2_in_kernel(v_ptr, g_ptr, n, beta2, BLOCK: tl.constexpr):
+    """exp_avg_sq's update with ``1 - beta2`` computed inside the kernel (from a float32 beta2 on a GPU)."""
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    v = tl.load(v_ptr + offsets, mask=mask)
+    g = tl.load(g_ptr + offsets, mask=mask)
+    tl.store(v_ptr + offsets, v * beta2 + (1.0 - beta2) * (g * g), mask=mask)
+
+
+def test_fp32_argument_emulation_catches_one_minus_beta_rounded_in_fp32(interpreter, monkeypatch):
+    """``1 - beta2`` formed in the kernel: invisible to the plain interpreter (doubles), ~100 eps from torch
+    once the arguments are float32 as on a GPU. The kernels therefore take ``1 - beta`` from the host."""
+    kernel = triton.jit(_second_moment_with_one_minus_beta2_in_kernel)  # defined now: TRITON_INTERPRET=1 makes it interpreted
+    gen = torch.Generator().manual_seed(0)
+    v0, g = torch.zeros(3000), torch.randn(3000, generator=gen) * 1e-3  # the first step
+    reference = v0.double() * 0.999 + (1 - 0.999) * g.double() ** 2
+    errors = []
+    for emulate in (False, True):
+        if emulate:
+            _emulate_fp32_arguments(monkeypatch)
+        v = v0.clone()
+        kernel[(3,)](v, g, 3000, 0.999, BLOCK=1024)
+        errors.append(scaled_error(v, reference))
+    assert errors[0] <= 2 and errors[1] > 50, errors
 
 
 def test_takes_triton_path_only_on_accelerators_or_under_the_interpreter(monkeypatch):
@@ -80,6 +119,21 @@ def test_phi_matches_float64_reference(interpreter, dtype, p):
         assert special_out[7].item() == pytest.approx(1e-40**p, rel=1e-6)  # a subnormal g: exact p-form
 
 
+def test_phi_meets_its_stated_ulp_bound_over_p_in_the_interpreter(interpreter):
+    """triton.ULP_BOUND (fp32, 0 < p <= 4; the C kernel's error unit) on random bit patterns of every binade, gradient-like values and
+    subnormals, p from 0.2 to 4. phi is correctly rounded fp32 operations only, so a GPU computes the same."""
+    gen = torch.Generator().manual_seed(7)
+    bits = torch.randint(1, 0x7F800000, (4000,), generator=gen, dtype=torch.int32).view(torch.float32)
+    grads = torch.randn(4000, generator=gen) * 10.0 ** torch.empty(4000).uniform_(-9, 1, generator=gen)
+    x = torch.cat([bits, -bits[:1000], grads, torch.tensor([3.4028235e38, -1.1754942e-38, 1.4e-45])])
+    worst = (0.0, None)
+    for p in (0.2, 0.5, 0.8, 0.95, 1.05, 1.2, 1.5, 2.0, 3.0, 3.9, 4.0):
+        y = x.clone()
+        triton_backend.phi_([y], p)
+        worst = max(worst, (max_ulp_error(x, y, p), p))
+    assert worst[0] <= triton_backend.ULP_BOUND, worst
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale_kind", ["float", "tensor"])
 def test_loss_scaled_gradient_gives_the_unscaled_result(interpreter, dtype, scale_kind):
@@ -91,20 +145,22 @@ def test_loss_scaled_gradient_gives_the_unscaled_result(interpreter, dtype, scal
     assert ulps(scaled, phi64(g, p) * s) <= (4.0 if dtype == torch.float32 else 1.0)
 
 
-def _adamw_pair(param_dtype, p, shapes):
+def _adamw_pair(param_dtype, p, shapes, beta2=0.95):
     torch.manual_seed(0)
     init = [torch.randn(s).to(param_dtype) for s in shapes]
     fused = [torch.nn.Parameter(t.clone()) for t in init]
     ref = [torch.nn.Parameter(t.clone()) for t in init]
-    kwargs = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    kwargs = dict(lr=1e-2, weight_decay=0.1, betas=(0.9, beta2), eps=1e-8)
     return fused, ref, gp.AdamPower(fused, p=p, **kwargs), torch.optim.AdamW(ref, foreach=False, **kwargs)
 
 
 @pytest.mark.parametrize("p", [0.8, 1.2, 1.5, 1.0])
-def test_fused_adampower_equals_phi_then_torch_adamw(interpreter, p):
-    """Three steps with a changing lr: params and state within 4 eps of torch AdamW on phi(g) (fp32)."""
+@pytest.mark.parametrize("beta2", [0.95, 0.999, 0.9999])
+def test_fused_adampower_equals_phi_then_torch_adamw(interpreter, fp32_kernel_arguments, p, beta2):
+    """Three steps with a changing lr, the kernel's float arguments in float32 as on a GPU: params and state
+    within 4 eps of torch AdamW on phi(g) (fp32) at beta2 = 0.95, 0.999 (torch's default), 0.9999."""
     shapes = [(33, 17), (5,), (2100,)]
-    fused, ref, opt, ref_opt = _adamw_pair(torch.float32, p, shapes)
+    fused, ref, opt, ref_opt = _adamw_pair(torch.float32, p, shapes, beta2)
     for _ in range(3):
         grads = [torch.randn(s) * 1e-3 for s in shapes]
         for q, r, g in zip(fused, ref, grads, strict=True):
@@ -152,7 +208,7 @@ def test_fused_adampower_bf16_params_one_step_vs_float64(interpreter, grad_dtype
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_muon_fused_momentum_equals_phi_then_lerp(interpreter, dtype, nesterov):
+def test_muon_fused_momentum_equals_phi_then_lerp(interpreter, fp32_kernel_arguments, dtype, nesterov):
     p, mu = 1.2, 0.95
     gen = torch.Generator().manual_seed(2)
     grad = (torch.randn(40, 60, generator=gen) * 1e-3).to(dtype)
@@ -223,15 +279,15 @@ def compiled_kernels(monkeypatch):
         sys.modules[KERNELS] = previous
 
 
-def test_kernels_compile_for_an_h100_with_fp32_math_and_vector_loads(compiled_kernels):
-    """Ahead-of-time compile for sm_90 (no GPU needed): catches what the interpreter does not check, and
-    shows in the PTX that no float64 is used and that whole blocks use 128-bit loads and stores."""
-    import triton
-    import triton.language as tl
+def test_kernels_compile_for_an_h100_with_exact_fp32_math_and_vector_loads(compiled_kernels):
+    """Ahead-of-time compile for sm_90 (no GPU needed), with the launch's compile options: catches what the
+    interpreter does not check. The PTX shows no float64, no approximate instruction (ex2/lg2/sqrt/rcp/div
+    .approx, flush-to-zero), AdamW's sqrt and divide correctly rounded, 64-bit offsets in the Muon kernel,
+    and 128-bit loads and stores for whole blocks."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    table = {"numel_ptr": "*i64", "block_tensor_ptr": "*i32", "block_start_ptr": "*i64"}
+    table = {"numel_ptr": "*i64", "block_tensor_ptr": "*i32", "first_block_ptr": "*i64"}
     powers = {n: "fp32" for n in ("qh", "ql", "ph", "pl")}
     phi = ASTSource(
         fn=compiled_kernels.phi_kernel,
@@ -243,16 +299,29 @@ def test_kernels_compile_for_an_h100_with_fp32_math_and_vector_loads(compiled_ke
     adamw = ASTSource(
         fn=compiled_kernels.adamw_power_kernel,
         signature={**dict.fromkeys(addresses, "*i64"), **table, "step_hyper_ptr": "*fp32", "coef_ptr": "*fp32",
-                   **powers, **dict.fromkeys(("decay", "beta1", "beta2", "eps"), "fp32"),
+                   **powers, **dict.fromkeys(("decay", "one_minus_beta1", "beta2", "one_minus_beta2", "eps"), "fp32"),
                    **dict.fromkeys(("APPLY_PHI", "HAS_COEF", "PARAM_DTYPE", "GRAD_DTYPE", "ALIGNED", "BLOCK"),
                                    "constexpr")},
         constexprs={"APPLY_PHI": True, "HAS_COEF": True, "PARAM_DTYPE": tl.float32, "GRAD_DTYPE": tl.bfloat16, "ALIGNED": True,
                     "BLOCK": triton_backend.BLOCK},
     )  # fmt: skip
-    for source in (phi, adamw):
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-        assert ".f64" not in ptx
-        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+    muon = ASTSource(
+        fn=compiled_kernels.muon_power_momentum_kernel,
+        signature={"grad_ptr": "*bf16", "buf_ptr": "*fp32", "update_ptr": "*bf16", "coef_ptr": "*fp32",
+                   "numel": "i64", "momentum": "fp32", "one_minus_momentum": "fp32", **powers,
+                   **dict.fromkeys(("APPLY_PHI", "HAS_COEF", "NESTEROV", "BLOCK"), "constexpr")},
+        constexprs={"APPLY_PHI": True, "HAS_COEF": True, "NESTEROV": True, "BLOCK": triton_backend.BLOCK},
+    )  # fmt: skip
+    target = GPUTarget("cuda", 90, 32)
+    ptx = {name: triton.compile(source, target=target, options=triton_backend.EXACT).asm["ptx"]
+           for name, source in (("phi", phi), ("adamw", adamw), ("muon", muon))}  # fmt: skip
+    for name, code in ptx.items():  # floor (cvt.rmi) flushes subnormals: its argument y + 0.5 is never one
+        assert ".f64" not in code and ".approx" not in code, name
+        assert set(re.findall(r"[\w.]*\.ftz[\w.]*", code)) <= {"cvt.rmi.ftz.f32.f32"}, name
+    for name in ("phi", "adamw"):
+        assert "ld.global.v4.b32" in ptx[name] and "st.global.v4.b32" in ptx[name]
+    assert "sqrt.rn.f32" in ptx["adamw"] and "div.rn.f32" in ptx["adamw"]
+    assert "mul.wide.u32" in ptx["muon"]  # program_id * BLOCK widened to 64 bits
 
 
 def test_dtensor_shards_take_the_same_fused_path(interpreter, cpu_mesh):

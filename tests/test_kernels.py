@@ -263,8 +263,8 @@ SWEEP_PS = [round(0.05 * i, 2) for i in range(1, 81)] + [0.01, 0.999, 1.001, 3.9
 
 
 def _sweep_x():
-    """Random normal-range bit patterns (all magnitudes), gradient-like values 1e-9..10, subnormals, and the
-    value a reviewer found at 4.2 ulp (p=3.9) in the previous AVX-512 kernel."""
+    """Random normal-range bit patterns (all magnitudes), gradient-like values 1e-9..10, subnormals, and two
+    hard cases for the AVX-512 table path at p = 3.9."""
     g = torch.Generator().manual_seed(7)
     bits = torch.randint(0x00800000, 0x7F800000, (30_000,), generator=g, dtype=torch.int32).view(torch.float32)
     grads = torch.randn(30_000, generator=g) * 10.0 ** torch.empty(30_000).uniform_(-9, 1, generator=g)

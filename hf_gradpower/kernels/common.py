@@ -45,10 +45,12 @@ class AdamWScalars:
     def one_minus_beta2(self) -> float:
         return 1.0 - self.beta2
 
-    def step_size(self, step: float) -> float:
-        """``lr / (1 - beta1**step)``, torch's formula for the step about to be taken."""
+    def step_size(self, step):
+        """``lr / (1 - beta1**step)``, torch's formula for the step about to be taken (a float, or a float64
+        tensor of steps)."""
         return self.lr / (1.0 - self.beta1**step)
 
-    def bias_correction2_sqrt(self, step: float) -> float:
-        """``sqrt(1 - beta2**step)``."""
-        return math.sqrt(1.0 - self.beta2**step)
+    def bias_correction2_sqrt(self, step):
+        """``sqrt(1 - beta2**step)`` (a float, or a float64 tensor of steps)."""
+        bias_correction2 = 1.0 - self.beta2**step
+        return bias_correction2.sqrt() if torch.is_tensor(bias_correction2) else math.sqrt(bias_correction2)

@@ -457,15 +457,18 @@ def _dense_permuted(x: torch.Tensor) -> torch.Tensor | None:
     return y if y.is_contiguous() else None
 
 
-def _phi_one_(kernel: CpuKernel, x: torch.Tensor, p: float) -> None:
-    """phi of one tensor that is not a dense float32 one: a permuted view, or a float32 copy written back."""
-    target = _dense_permuted(x) if x.dtype == torch.float32 else None
+def _phi_one_(kernel: CpuKernel, x: torch.Tensor, p: float, grad_scale) -> None:
+    """phi of one tensor that is not a dense float32 one: a permuted view, or a float32 copy written back (the
+    loss scale divided out in float32)."""
+    target = _dense_permuted(x) if x.dtype == torch.float32 and grad_scale is None else None
     if target is not None:
         kernel.sign_power_many([target], p, torch.get_num_threads())
         return
     tmp = x.contiguous().float()
+    if grad_scale is not None:
+        tmp.div_(grad_scale)
     kernel.sign_power_many([tmp], p, torch.get_num_threads())
-    x.copy_(tmp)
+    x.copy_(tmp if grad_scale is None else tmp.mul_(grad_scale))
 
 
 @torch.no_grad()
@@ -475,23 +478,22 @@ def phi_(
     """In place ``g <- coef * s * phi_p(g / s)``: every dense float32 tensor in ONE kernel call (one OpenMP
     region; the coefficient multiplies each chunk while it is in cache)."""
     kernel = fast_kernel()
-    work = [t for t in tensors if t.numel()]
     factor = 1.0 if coef is None else float(coef)
-    if grad_scale is not None:
-        torch._foreach_div_(work, grad_scale)
-    dense = [t for t in work if dense_cpu_f32(t)]
+    dense = [t for t in tensors if t.numel() and dense_cpu_f32(t)]
+    if grad_scale is not None and dense:
+        torch._foreach_div_(dense, grad_scale)
     if len({t.data_ptr() for t in dense}) == len(dense):  # a tensor twice would race with itself
         kernel.sign_power_many(dense, p, torch.get_num_threads(), coef=factor)
     else:
         for t in dense:
             kernel.sign_power_many([t], p, 1, coef=factor)
-    for t in work:
-        if not dense_cpu_f32(t):
-            _phi_one_(kernel, t, p)
+    if grad_scale is not None and dense:
+        torch._foreach_mul_(dense, grad_scale)
+    for t in tensors:
+        if t.numel() and not dense_cpu_f32(t):
+            _phi_one_(kernel, t, p, grad_scale)
             if coef is not None:
                 t.mul_(coef)
-    if grad_scale is not None:
-        torch._foreach_mul_(work, grad_scale)
 
 
 @torch.no_grad()

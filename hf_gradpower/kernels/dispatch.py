@@ -43,6 +43,17 @@ def kernel_mode() -> str:
     return mode
 
 
+def reset() -> None:
+    """Forget every self-check verdict (the next use of each combination checks again)."""
+    with _lock:
+        _verdicts.clear()
+
+
+def candidate(t: torch.Tensor, p: float = 1.2) -> ModuleType:
+    """The backend that would serve ``t`` under the current ``HF_GRADPOWER_KERNEL``, before its self-check."""
+    return _candidate(t, p, kernel_mode())
+
+
 def _candidate(t: torch.Tensor, p: float, mode: str) -> ModuleType:
     """The backend that would serve ``t`` (before its self-check)."""
     if mode == "eager":
@@ -159,15 +170,31 @@ def adamw_backend(params, grads, p: float) -> ModuleType:
     return backend
 
 
+def check_adamw_state(params, exp_avgs, exp_avg_sqs) -> None:
+    """One clear error where a moment's shape differs from its parameter's (a kernel would read out of bounds)."""
+    for i, (q, m, v) in enumerate(zip(params, exp_avgs, exp_avg_sqs, strict=True)):
+        if m.shape != q.shape or v.shape != q.shape:
+            raise ValueError(
+                f"AdamW state of parameter {i} has exp_avg {tuple(m.shape)} and exp_avg_sq {tuple(v.shape)}, but the "
+                f"parameter is {tuple(q.shape)}: the optimizer state belongs to another model or sharding. Load the "
+                "optimizer checkpoint that matches this model, or start the optimizer without one."
+            )
+
+
 def adamw_(
     backend: ModuleType, params, grads, exp_avgs, exp_avg_sqs, steps, group: dict, p: float, *, coef=None
-) -> None:
+) -> bool:
     """One AdamW step on ``coef * phi_p(g)`` for a group's tensors (torch AdamW's state) by ``backend``
-    (from :func:`adamw_backend`); ``steps`` advance once, also when the eager backend takes over."""
+    (from :func:`adamw_backend`); ``steps`` advance once, also when the eager backend takes over. False, with
+    nothing changed, where the backend cannot read the state's layout (e.g. a state loaded in another dtype)."""
+    check_adamw_state(params, exp_avgs, exp_avg_sqs)
+    if not backend.adamw_takes(params, grads, exp_avgs, exp_avg_sqs):
+        return False
     dtypes = (params[0].dtype, grads[0].dtype)
     _run(
         backend, params[0], dtypes, "adamw_", params, grads, exp_avgs, exp_avg_sqs, steps, group, p, coef=coef
     )
+    return True
 
 
 def fuses_muon(grads: Sequence[torch.Tensor], bufs_dtype: torch.dtype | None = None) -> bool:

@@ -17,10 +17,12 @@ Why Triton kernels rather than a ``torch.compile``'d functional step:
   tests it on machines without a GPU. With that variable set, CPU tensors take this backend (and only CPU
   tensors: the interpreter cannot read device memory).
 
-Numerics: math in fp32 registers for fp32/bf16/fp16 storage, no float64 and no full-size temporaries.
-AdamW follows torch's single-tensor formulas op for op; its scalars are derived on the host in double
-(:mod:`hf_gradpower.kernels.common`). It is not bit-identical to torch's kernels (the compiler may contract
-``a * b + c`` into one FMA), so tests bound the difference instead.
+Numerics: math in fp32 registers for fp32/bf16/fp16 storage, no float64 and no full-size temporaries, only
+correctly rounded operations (see :data:`ULP_BOUND`). AdamW follows torch's single-tensor formulas op for op,
+with ``sqrt_rn`` / ``div_rn`` as torch's correctly rounded sqrt and divide; every scalar derived from a
+hyper-parameter (``1 - beta``, bias corrections, ``1 - lr * wd``, ``1 - momentum``) is computed on the host in
+double (:mod:`hf_gradpower.kernels.common`), because a GPU receives Python floats as float32. It is not
+bit-identical to torch's kernels (FMAs where torch's may round twice), so tests bound the difference.
 """
 
 from __future__ import annotations
@@ -40,10 +42,20 @@ from hf_gradpower.kernels.common import AdamWScalars, plain_dense
 NAME = "triton"
 BLOCK = 1024  # elements per Triton program
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# phi's maximum error against float64 for fp32, 0 < p <= 4, in units of 2**-23 |phi| (the C kernel's unit):
+# MEASURED_ULP with Triton's interpreter on CPU (AMD EPYC), p in steps of 0.05 over (0, 4] plus 0.999 and 1.001,
+# 18.5k values of x (random bit patterns of every binade, gradient-like values, subnormals): 2.08 at p = 3.9,
+# 1.09 for p in [0.5, 1.5]. The algorithm is the C kernel's per-lane one, which reached 2.54 at p = 3.992 on a
+# denser sweep, hence ULP_BOUND = 2.6. Not yet measured on a GPU: the kernel uses only correctly rounded fp32
+# operations (explicit FMAs, no fusion, no approximate instructions), so a GPU evaluates the same operations.
+# bf16 / fp16 storage: fp32 math rounded once, <= 1 ulp of the storage dtype.
+MEASURED_ULP = 2.08
+ULP_BOUND = 2.6
 DEVICE_TYPES = ("cuda", "xpu")  # torch devices Triton compiles for (ROCm GPUs are "cuda" in torch)
 _JIT = "hf_gradpower.kernels._triton_jit"
-_TABLE_CACHE: OrderedDict = OrderedDict()
-_TABLE_CACHE_SIZE = 64
+# No contraction of a * b + c into FMAs beyond the kernels' explicit tl.fma: a GPU then evaluates the very
+# fp32 operations the interpreter does (Triton's interpreter ignores compile options).
+EXACT = {"enable_fp_fusion": False}
 
 
 @functools.cache
@@ -71,8 +83,20 @@ def takes(t: torch.Tensor) -> bool:
 
 
 def _on(device: torch.device):
-    """Launch on the tensors' own GPU (Triton launches on the current device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """Launch on the tensors' own GPU or XPU (Triton launches on the current device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    if device.type == "xpu":
+        return torch.xpu.device(device)
+    return contextlib.nullcontext()
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without blocking the host: pinned, then copied asynchronously (the
+    pinned block is not reused before the copy ran: torch's host allocator records the copy's stream)."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _jit():
@@ -85,26 +109,51 @@ def _tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def _tables(lists: list[list[torch.Tensor]], device: torch.device) -> tuple:
-    """Address tables (one per list), numels, the block map of a multi-tensor launch, and whether every
-    address is 16-byte aligned (lets the kernels vectorise); cached by address."""
-    key = (device, tuple(t.data_ptr() for ts in lists for t in ts), tuple(t.numel() for t in lists[0]))
-    hit = _TABLE_CACHE.get(key)
-    if hit is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return hit
-    numel = torch.tensor([t.numel() for t in lists[0]], dtype=torch.int64)
-    blocks = (numel + BLOCK - 1) // BLOCK
-    block_tensor = torch.repeat_interleave(torch.arange(len(numel), dtype=torch.int32), blocks)
-    first_block = torch.cumsum(blocks, 0) - blocks
-    block_start = (torch.arange(int(blocks.sum())) - torch.repeat_interleave(first_block, blocks)) * BLOCK
-    addresses = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in lists]
-    aligned = all(t.data_ptr() % 16 == 0 for ts in lists for t in ts)
-    entry = (*(x.to(device) for x in (*addresses, numel, block_tensor, block_start)), aligned)
-    _TABLE_CACHE[key] = entry
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return entry
+class _BlockMaps:
+    """Block maps of multi-tensor launches, by (device, sizes), least recently used first out once their
+    bytes exceed ``max_bytes``. A map is built on the device from the sizes (one small asynchronous copy):
+    ``numel`` and ``first_block`` per tensor (int64), ``block_tensor`` per block of BLOCK elements (int32,
+    4 bytes: 16 MB for 4e9 elements)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes, self.maps = max_bytes, 0, OrderedDict()
+
+    def get(self, numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+        key = (device, numels)
+        hit = self.maps.get(key)
+        if hit is not None:
+            self.maps.move_to_end(key)
+            return hit
+        blocks_host = [(n + BLOCK - 1) // BLOCK for n in numels]
+        numel = _to_device(torch.tensor(numels, dtype=torch.int64), device)
+        blocks = (numel + BLOCK - 1) // BLOCK
+        first_block = torch.cumsum(blocks, 0) - blocks
+        tensor_ids = torch.arange(len(numels), dtype=torch.int32, device=device)
+        block_tensor = torch.repeat_interleave(tensor_ids, blocks, output_size=sum(blocks_host))  # no sync
+        entry = (numel, first_block, block_tensor)
+        self.maps[key] = entry
+        self.bytes += sum(t.numel() * t.element_size() for t in entry)
+        while self.bytes > self.max_bytes and len(self.maps) > 1:
+            _, old = self.maps.popitem(last=False)
+            self.bytes -= sum(t.numel() * t.element_size() for t in old)
+        return entry
+
+
+_BLOCK_MAPS = _BlockMaps(64 << 20)
+
+
+def _launches(lists: list[list[torch.Tensor]], device: torch.device):
+    """For each of the aligned and the unaligned tensors (every address 16-byte aligned lets the kernel
+    vectorise; one view into a flat buffer must not turn that off for the rest): the indices, the address
+    tables (one per list, rebuilt per launch: 8 bytes per tensor) and the block map (cached by sizes)."""
+    aligned = [all(ts[i].data_ptr() % 16 == 0 for ts in lists) for i in range(len(lists[0]))]
+    for is_aligned in (True, False):
+        idx = [i for i, a in enumerate(aligned) if a == is_aligned and lists[0][i].numel()]
+        if idx:
+            addresses = [_to_device(torch.tensor([ts[i].data_ptr() for i in idx], dtype=torch.int64), device)
+                         for ts in lists]  # fmt: skip
+            numel, first_block, block_tensor = _BLOCK_MAPS.get(tuple(lists[0][i].numel() for i in idx), device)
+            yield idx, addresses, (numel, block_tensor, first_block), is_aligned
 
 
 def _split(c: float) -> tuple[float, float]:
@@ -128,34 +177,37 @@ def _by_kind(indices, kind) -> dict:
     return groups
 
 
-def _scale_arg(grad_scale, device: torch.device, fallback: torch.Tensor) -> torch.Tensor:
-    """The loss scale as a 1-element fp32 device tensor (``fallback``, an unused pointer, when there is none)."""
-    if grad_scale is None:
+def _scale_arg(scale, device: torch.device, fallback: torch.Tensor) -> torch.Tensor:
+    """A loss scale or ``coef`` as a 1-element fp32 device tensor, without a blocking copy (``fallback``, an
+    unused pointer, when there is none)."""
+    if scale is None:
         return fallback
-    return torch.as_tensor(grad_scale, dtype=torch.float32).reshape(1).to(device)
+    if not torch.is_tensor(scale):
+        return torch.full((1,), float(scale), dtype=torch.float32, device=device)  # a fill: no copy at all
+    scale = scale.detach().reshape(1).to(torch.float32)
+    return scale if scale.device == device else _to_device(scale, device)
 
 
 @torch.no_grad()
 def phi_(
     tensors: Sequence[torch.Tensor], p: float, *, grad_scale: torch.Tensor | float | None = None, coef=None
 ) -> None:
-    """In place ``g <- coef * s * phi_p(g / s)`` (``s = grad_scale``, or 1): one launch per (device, dtype); each
-    element is read once and written once; a clip coefficient ``coef`` (0-d tensor) is a second pass
-    (``_foreach_mul_``) for now: the phi kernel does not take it."""
-    work = [t for t in tensors if t.numel()]
-    contiguous = [t if t.is_contiguous() else t.contiguous() for t in work]
+    """In place ``g <- coef * s * phi_p(g / s)`` (``s = grad_scale``, or 1): one launch per (device, dtype,
+    alignment); each element is read once and written once; a clip coefficient ``coef`` (0-d tensor) is a second
+    pass (``_foreach_mul_``) for now: the phi kernel does not take it."""
+    contiguous = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     powers, k = _power_args(p), _jit()
-    for (device, dtype), idx in _by_kind(range(len(work)), lambda i: (work[i].device, work[i].dtype)).items():
-        addr, numel, block_tensor, block_start, aligned = _tables([[contiguous[i] for i in idx]], device)
-        scale = _scale_arg(grad_scale, device, numel)
-        with _on(device):
-            k.phi_kernel[(block_tensor.numel(),)](
-                addr, numel, block_tensor, block_start, scale, *powers,
-                HAS_SCALE=grad_scale is not None, DTYPE=_tl_dtype(dtype), ALIGNED=aligned, BLOCK=BLOCK,
-            )  # fmt: skip
+    kinds = _by_kind(range(len(tensors)), lambda i: (tensors[i].device, tensors[i].dtype))
+    for (device, dtype), idx in kinds.items():
+        for _, (addresses,), block_map, aligned in _launches([[contiguous[i] for i in idx]], device):
+            with _on(device):
+                k.phi_kernel[(block_map[1].numel(),)](
+                    addresses, *block_map, _scale_arg(grad_scale, device, addresses), *powers,
+                    HAS_SCALE=grad_scale is not None, DTYPE=_tl_dtype(dtype), ALIGNED=aligned, BLOCK=BLOCK, **EXACT,
+                )  # fmt: skip
     if coef is not None and contiguous:
         torch._foreach_mul_(contiguous, coef)
-    for t, c in zip(work, contiguous, strict=True):
+    for t, c in zip(tensors, contiguous, strict=True):
         if c is not t:
             t.copy_(c)
 
@@ -169,20 +221,19 @@ def phi_sum_sq(
     if not tensors:
         return torch.zeros(0)
     device = tensors[0].device
+    dense = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     sums = torch.zeros(len(tensors), dtype=torch.float32, device=device)
-    work = [i for i, t in enumerate(tensors) if t.numel()]
     powers, k = _power_args(p), _jit()
-    for dtype, idx in _by_kind(work, lambda i: tensors[i].dtype).items():
-        dense = [tensors[i] if tensors[i].is_contiguous() else tensors[i].contiguous() for i in idx]
-        addr, numel, block_tensor, block_start, aligned = _tables([dense], device)
-        partial = torch.empty(block_tensor.numel(), dtype=torch.float32, device=device)
-        with _on(device):
-            k.phi_sum_sq_kernel[(block_tensor.numel(),)](
-                addr, numel, block_tensor, block_start, _scale_arg(grad_scale, device, numel), partial, *powers,
-                HAS_SCALE=grad_scale is not None, DTYPE=_tl_dtype(dtype), ALIGNED=aligned, BLOCK=BLOCK,
-            )  # fmt: skip
-        per_tensor = torch.zeros(len(idx), dtype=torch.float32, device=device).index_add_(0, block_tensor, partial)
-        sums[torch.tensor(idx, device=device)] = per_tensor
+    for dtype, idx in _by_kind(range(len(tensors)), lambda i: tensors[i].dtype).items():
+        for sub, (addresses,), block_map, aligned in _launches([[dense[i] for i in idx]], device):
+            partial = torch.empty(block_map[1].numel(), dtype=torch.float32, device=device)
+            with _on(device):
+                k.phi_sum_sq_kernel[(partial.numel(),)](
+                    addresses, *block_map, _scale_arg(grad_scale, device, addresses), partial, *powers,
+                    HAS_SCALE=grad_scale is not None, DTYPE=_tl_dtype(dtype), ALIGNED=aligned, BLOCK=BLOCK, **EXACT,
+                )  # fmt: skip
+            where = _to_device(torch.tensor([idx[i] for i in sub], dtype=torch.int64), device)
+            sums.index_add_(0, where[block_map[1].long()], partial)
     return sums
 
 
@@ -195,29 +246,32 @@ def adamw_takes(params, grads, exp_avgs, exp_avg_sqs) -> bool:
     )  # fmt: skip
 
 
+def _step_hyper(s: AdamWScalars, steps: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``(lr / bias_correction1, sqrt(bias_correction2))`` per tensor, float32 on ``device``: torch's formulas in
+    double, rounded once, computed where the step counters live (on the host: no device sync; on the device:
+    no copy), for the step about to be taken."""
+    step = torch.stack([t.detach().reshape(()) for t in steps]).to(torch.float64) + 1
+    hyper = torch.stack([s.step_size(step), s.bias_correction2_sqrt(step)], dim=1).to(torch.float32).reshape(-1)
+    return hyper if hyper.device == device else _to_device(hyper, device)
+
+
 @torch.no_grad()
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, group: dict, p: float, *, coef=None) -> None:
     """One AdamW step on ``coef * phi_p(g)`` (torch AdamW's state layout); ``steps`` advance only after every
     launch returned. ``.grad`` keeps g."""
-    s = AdamWScalars.of(group)
-    step = torch.stack([t.detach().reshape(()) for t in steps]).to(torch.float64) + 1
-    # torch's bias corrections in float64, rounded once to float32: (lr / bc1, sqrt(bc2)) per tensor
-    step_hyper = torch.stack([s.lr / (1 - torch.pow(s.beta1, step)), (1 - torch.pow(s.beta2, step)).sqrt()], dim=1)
-    k = _jit()
+    s, k = AdamWScalars.of(group), _jit()
     kinds = _by_kind(range(len(params)), lambda i: (params[i].device, params[i].dtype, grads[i].dtype))
     for (device, param_dtype, grad_dtype), idx in kinds.items():
-        live = [i for i in idx if params[i].numel()]
-        if not live:
-            continue
-        lists = [[ts[i] for i in live] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
-        *addresses, numel, block_tensor, block_start, aligned = _tables(lists, device)
-        hyper = step_hyper[live].to(device=device, dtype=torch.float32).reshape(-1)
-        with _on(device):
-            k.adamw_power_kernel[(block_tensor.numel(),)](
-                *addresses, numel, block_tensor, block_start, hyper, _scale_arg(coef, device, numel),
-                *_power_args(p), s.decay, s.beta1, s.beta2, s.eps, APPLY_PHI=p != 1.0, HAS_COEF=coef is not None,
-                PARAM_DTYPE=_tl_dtype(param_dtype), GRAD_DTYPE=_tl_dtype(grad_dtype), ALIGNED=aligned, BLOCK=BLOCK,
-            )  # fmt: skip
+        lists = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+        for sub, addresses, block_map, aligned in _launches(lists, device):
+            with _on(device):
+                k.adamw_power_kernel[(block_map[1].numel(),)](
+                    *addresses, *block_map, _step_hyper(s, [steps[idx[i]] for i in sub], device),
+                    _scale_arg(coef, device, addresses[0]), *_power_args(p), s.decay, s.one_minus_beta1, s.beta2,
+                    s.one_minus_beta2, s.eps, APPLY_PHI=p != 1.0, HAS_COEF=coef is not None,
+                    PARAM_DTYPE=_tl_dtype(param_dtype), GRAD_DTYPE=_tl_dtype(grad_dtype), ALIGNED=aligned,
+                    BLOCK=BLOCK, **EXACT,
+                )  # fmt: skip
     torch._foreach_add_(list(steps), 1)
 
 
@@ -240,8 +294,9 @@ def muon_momentum_(grad, buf, momentum: float, p: float, nesterov: bool, *, coef
     if n:
         with _on(grad.device):
             _jit().muon_power_momentum_kernel[((n + BLOCK - 1) // BLOCK,)](
-                grad, buf, update, _scale_arg(coef, grad.device, buf), n, float(momentum), *_power_args(p),
-                APPLY_PHI=p != 1.0, HAS_COEF=coef is not None, NESTEROV=bool(nesterov), BLOCK=BLOCK,
+                grad, buf, update, _scale_arg(coef, grad.device, buf), n, float(momentum), 1.0 - float(momentum),
+                *_power_args(p),
+                APPLY_PHI=p != 1.0, HAS_COEF=coef is not None, NESTEROV=bool(nesterov), BLOCK=BLOCK, **EXACT,
             )  # fmt: skip
     return update
 
