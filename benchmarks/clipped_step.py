@@ -11,7 +11,7 @@ saved copy outside the timed region, every row interleaved step by step, once pe
 * ``adampower[impl]``: GradPowerTrainer's default (``before_clip``): :func:`hf_gradpower.clip_and_power_` (the norm
   of phi(g), read only) + AdamPower's step (phi and the clip coefficient inside its one-pass step);
 * ``adampower-apply_now[impl]``: phi written into the gradients first (``apply_now``), then ``clip_grad_norm_``,
-  then the step: what the default path cost before ``clip_and_power_``;
+  then the step (the route of `apply_now`, three passes over the gradients before the step);
 * ``sgd`` / ``sgdpower[impl]``: SGD (momentum 0.9) with ``clip_grad_norm_`` against ``attach(SGD)`` with
   ``clip_and_power_`` (phi and the coefficient in one pass over the gradients, then SGD);
 * ``muon`` / ``muonpower``: MuonAdamW with ``clip_grad_norm_`` against MuonPower with ``clip_and_power_``

@@ -600,7 +600,7 @@ int gp_phi_sumsq_many(const float *const *xs, const int64_t *ns, int count, cons
 }
 
 /* One AdamW step (decoupled weight decay) on coef * phi_p(grad) per tensor, each array read and written once
-   (coef: the clip coefficient, rounded after phi as clipping a stored phi would; 1 leaves today's bits).
+   (coef: the clip coefficient, rounded after phi as clipping a stored phi would; 1 is exact: the unclipped step).
    h + 8 i = (1 - lr*wd, beta1, 1 - beta1, beta2, 1 - beta2, lr / bias_correction1, 1 / sqrt(bias_correction2),
    eps) for tensor i. */
 int gp_adamw_power_many(float *const *params, float *const *grads, float *const *exp_avgs, float *const *exp_avg_sqs,
