@@ -34,10 +34,14 @@ from hf_gradpower.kernels import cpu
 VARIANTS = ("native", "avx2", "portable")
 
 
-def bench_model(device: str) -> torch.nn.Module:
+def bench_model(device: str, small: bool = False) -> torch.nn.Module:
+    """The ~34M-parameter benchmark LLaMA (``small``: a ~0.1M one for smoke runs)."""
     config = LlamaConfig(
         vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=8, tie_word_embeddings=False,
+    ) if not small else LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(device)
@@ -122,11 +126,15 @@ def phi_kernels(device: str, variants: tuple[str, ...]) -> dict[str, cpu.CpuKern
     return out
 
 
-def time_steps(device: str, steps: int, warmup: int, rows: list[tuple[str, str | None]], kernels: dict) -> dict:
-    """Median and quartiles (ms) of each (optimizer, kernel) row, all rows interleaved step by step."""
+def time_steps(device: str, steps: int, warmup: int, rows: list[tuple[str, str | None]], kernels: dict,
+               build_fn=None, step_fn=None, small: bool = False) -> dict:
+    """Median and quartiles (ms) of each (optimizer, kernel) row, all rows interleaved step by step.
+
+    ``build_fn(model, name)`` builds a row's optimizer (default :func:`build`); ``step_fn(name, optimizer, model)``
+    is the timed work (default ``optimizer.step()``)."""
     names = list(dict.fromkeys(n for n, _ in rows))
-    models = {n: bench_model(device) for n in names}
-    optimizers = {n: build(models[n], n) for n in names}
+    models = {n: bench_model(device, small) for n in names}
+    optimizers = {n: (build_fn or build)(models[n], n) for n in names}
     gen = torch.Generator(device="cpu").manual_seed(1)
     saved = [(torch.randn(p.shape, generator=gen) * 1e-3).to(device) for p in models[names[0]].parameters()]
     times: dict[str, list[float]] = {}
@@ -140,7 +148,10 @@ def time_steps(device: str, steps: int, warmup: int, rows: list[tuple[str, str |
             with cpu.using_kernel(kernels[label]) if label in kernels else contextlib.nullcontext():
                 sync(device)
                 t0 = time.perf_counter()
-                optimizers[n].step()
+                if step_fn is None:
+                    optimizers[n].step()
+                else:
+                    step_fn(n, optimizers[n], models[n])
                 sync(device)
             if i >= warmup:
                 times.setdefault(f"{n}[{label}]" if label else n, []).append(time.perf_counter() - t0)
@@ -198,33 +209,40 @@ def markdown_block(threads, block: dict) -> str:
 
 def markdown(result: dict) -> str:
     first = next(iter(result["threads"].values()))
-    lines = [
+    head = [
         f"### Optimizer step on {result['device']}: {result['cpu']}",
         "",
         f"{first['parameters'] / 1e6:.1f}M parameters, median of {result['steps']} interleaved steps, "
         f"torch {result['torch']}. Optimizer state (MB): "
         + ", ".join(f"{n} {b / 2**20:.1f}" for n, b in first["state_bytes"].items()),
-        "",
-        "phi implementations: " + "; ".join(f"`{k}`: {' '.join(v) if isinstance(v, list) else v}"
-                                            for k, v in result["kernels"].items()),
-        "",
     ]
-    for threads, block in result["threads"].items():
-        lines.append(markdown_block(threads, block))
+    return markdown_report(head, result, markdown_block)
+
+
+def markdown_report(head: list[str], result: dict, block) -> str:
+    """``head``, the phi implementations that ran, then ``block(threads, results)`` per thread count."""
+    lines = [*head, "", "phi implementations: " + "; ".join(f"`{k}`: {' '.join(v) if isinstance(v, list) else v}"
+                                                         for k, v in result["kernels"].items()), ""]  # fmt: skip
+    lines += [block(threads, results) for threads, results in result["threads"].items()]
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_parser(description: str) -> argparse.ArgumentParser:
+    """The options every optimizer-step benchmark takes (device, threads, steps, phi implementations, output)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", default="1,2", help="comma-separated CPU thread counts (default 1,2)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="add the torch.compile (Inductor) row on CPU")
     parser.add_argument("--variants", default=",".join((*VARIANTS, "eager")),
                         help="CPU phi implementations to time (default: all of native,avx2,portable,eager)")
     parser.add_argument("--no-muon", action="store_true", help="skip Muon vs MuonPower (slow on CPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    return parser
+
+
+def parse_step_args(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, list[int], tuple[str, ...]]:
+    """Parsed options, thread counts and phi implementations; one clear error for each bad value."""
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available; use --device cpu")
@@ -232,21 +250,29 @@ def main(argv=None) -> None:
         threads = [int(t) for t in args.threads.split(",")]
     except ValueError:
         parser.error(f"--threads must be comma-separated integers, got {args.threads!r}")
-    if args.steps < 2 or any(t < 1 for t in threads):
-        parser.error("--steps must be >= 2 and every thread count >= 1")
+    if args.steps < 2 or args.warmup < 0 or any(t < 1 for t in threads):
+        parser.error("--steps must be >= 2, --warmup >= 0 and every thread count >= 1")
     variants = tuple(v for v in args.variants.split(",") if v)
     unknown = set(variants) - {*VARIANTS, "eager"}
     if unknown:
         parser.error(f"unknown --variants {sorted(unknown)}; choose from {', '.join((*VARIANTS, 'eager'))}")
-    result = run(args.device, threads, args.steps, args.warmup, args.compile, not args.no_muon, variants)
-    report = markdown(result)
-    print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"optimizer_step_{args.device}"
-    (args.out / f"{stem}.md").write_text(report)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out / stem}.md and .json")
+    return args, threads, variants
 
+
+def write_report(out: Path, stem: str, report: str, result: dict) -> None:
+    print(report)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(report)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / stem}.md and .json")
+
+
+def main(argv=None) -> None:
+    parser = step_parser(__doc__.splitlines()[0])
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile (Inductor) row on CPU")
+    args, threads, variants = parse_step_args(parser, argv)
+    result = run(args.device, threads, args.steps, args.warmup, args.compile, not args.no_muon, variants)
+    write_report(args.out, f"optimizer_step_{args.device}", markdown(result), result)
 
 if __name__ == "__main__":
     main()

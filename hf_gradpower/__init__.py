@@ -4,6 +4,7 @@ Layers, following ``theta <- theta - lr * Q(phi(g))``:
   transform   phi_p itself, on gradients (DTensor shards included)
   kernels     phi and the fused optimizer steps: eager torch, C and Triton backends, self-checked at first use
   attach      GradPower on any torch optimizer (one line)
+  clipping    clip(phi(g)) for custom loops: the norm of phi(g) in one read-only pass, phi at the step
   adampower   AdamPower: AdamW with phi in its own step (one pass over memory: C kernel, Triton)
   muon        the Muon/AdamW hybrid (Q for MuonPower)
   optimizers  optimizers by name: adamw, adampower, muon, muonpower, sgdpower, ...
@@ -12,6 +13,7 @@ Layers, following ``theta <- theta - lr * Q(phi(g))``:
 
 from hf_gradpower.adampower import AdamPower
 from hf_gradpower.attach import apply_now, attach, detach, gradpower_p, is_attached
+from hf_gradpower.clipping import clip_and_power_
 from hf_gradpower.muon import MuonAdamW
 from hf_gradpower.optimizers import available_optimizers, build_optimizer, register_optimizer
 from hf_gradpower.transform import DEFAULT_POWER, power_, sign_power, validate_power
@@ -27,6 +29,7 @@ __all__ = [
     "attach",
     "available_optimizers",
     "build_optimizer",
+    "clip_and_power_",
     "detach",
     "gradpower_p",
     "is_attached",

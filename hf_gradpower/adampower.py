@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from hf_gradpower.adamw_step import adamw_group_step, is_plain_adamw
-from hf_gradpower.attach import GROUP_KEY, attach, take_applied_flag
+from hf_gradpower.attach import GROUP_KEY, attach, take_applied_flag, take_clip_coef
 from hf_gradpower.kernels import dispatch, eager
 from hf_gradpower.transform import DEFAULT_POWER, _local, power_
 
@@ -48,11 +48,12 @@ class AdamPower(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         already_applied = take_applied_flag(self)
+        coef = take_clip_coef(self)  # from clip_and_power_: phi(g) is multiplied by it
         for group in self.param_groups:
-            p = group.get(GROUP_KEY, 1.0)
-            if p == 1.0 or already_applied or not one_pass_step(self, group, p):
-                if p != 1.0 and not already_applied:
-                    power_((q.grad for q in group["params"]), p)
+            p = group.get(GROUP_KEY, 1.0) if not already_applied else 1.0
+            if p == 1.0 or not one_pass_step(self, group, p, coef):
+                if p != 1.0 or coef is not None:
+                    power_((q.grad for q in group["params"]), p, coef=coef)
                 adamw_group_step(self, group)
         return loss
 

@@ -26,8 +26,12 @@ The optimizer the user built decides: only an optimizer that was attached (``att
 ``gradpower_p``; it ignores them, drops them at its next step with one warning, and stays the baseline.
 
 Order with clipping: by default the hook runs at ``step``, i.e. after any clipping you did.
-The paper's order is power first: call :func:`apply_now` before clipping; the hook then skips that
-step (see ``GradPowerTrainer`` for the Trainer integration).
+The paper's order is power first, clip(phi(g)). Two ways to get it in a custom loop:
+  * :func:`hf_gradpower.clip_and_power_` in place of ``clip_grad_norm_`` (the default of ``GradPowerTrainer``):
+    the norm of phi(g) from one read-only pass, and the next ``step`` applies phi and the clip coefficient in
+    its own pass over the gradients (inside AdamPower's one-pass step where it runs);
+  * :func:`apply_now` before ``clip_grad_norm_``: phi is written into the gradients now and the hook skips
+    that step (a pass of its own, then clipping's two).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 GROUP_KEY = "gradpower_p"
 _APPLIED_FLAG = "_gradpower_applied_this_step"
+_CLIP_COEF = "_gradpower_clip_coef"  # set by clipping.clip_and_power_, taken by the next step
 
 
 def attach(optimizer: torch.optim.Optimizer, p: float = DEFAULT_POWER) -> torch.optim.Optimizer:
@@ -91,9 +96,11 @@ def apply_now(optimizer: torch.optim.Optimizer, *, grad_scale: torch.Tensor | fl
     """Transform the gradients now (e.g. before clipping) and skip the transform at the next ``step``.
 
     ``grad_scale`` is the loss scale the gradients still carry, if any (GradScaler before unscale_).
+    For clip(phi(g)), :func:`hf_gradpower.clip_and_power_` in place of this + ``clip_grad_norm_`` gives the same
+    update with fewer passes over the gradients (the norm of phi read only; phi and the coefficient at the step).
     """
     optimizer = inner_optimizer(optimizer)
-    _power_groups(optimizer, grad_scale)
+    power_groups_(optimizer, grad_scale=grad_scale)
     setattr(optimizer, _APPLIED_FLAG, True)
 
 
@@ -104,14 +111,33 @@ def take_applied_flag(optimizer: torch.optim.Optimizer) -> bool:
     return applied
 
 
-def _power_groups(optimizer: torch.optim.Optimizer, grad_scale) -> None:
+def set_clip_coef(optimizer: torch.optim.Optimizer, coef: torch.Tensor | None) -> None:
+    """Leave the clip coefficient (a 0-d tensor; None: none) for the next ``step``, which multiplies phi(g) by it."""
+    setattr(optimizer, _CLIP_COEF, coef)
+
+
+def take_clip_coef(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """The clip coefficient :func:`hf_gradpower.clip_and_power_` left for this step (once), or None.
+
+    A step that GradScaler skips (inf/nan) never takes it; the next ``clip_and_power_`` replaces it."""
+    coef = getattr(optimizer, _CLIP_COEF, None)
+    setattr(optimizer, _CLIP_COEF, None)
+    return coef
+
+
+def power_groups_(optimizer: torch.optim.Optimizer, *, grad_scale=None, coef: torch.Tensor | None = None,
+                  phi: bool = True, skip: frozenset = frozenset()) -> None:
+    """Gradients of every group (except ``id(group)`` in ``skip``) <- ``coef * phi_p(g)`` in one pass.
+
+    ``phi=False`` (phi already applied) or p = 1: only the multiplication by ``coef``, if any."""
     if not is_attached(optimizer):
         _drop_loaded_power(optimizer)
-        return
     for group in optimizer.param_groups:
-        p = group.get(GROUP_KEY)
-        if p is not None and p != 1.0:
-            power_((q.grad for q in group["params"]), p, grad_scale=grad_scale)
+        if id(group) in skip:
+            continue
+        p = group.get(GROUP_KEY, 1.0) if phi else 1.0
+        if p != 1.0 or coef is not None:
+            power_((q.grad for q in group["params"]), p, grad_scale=grad_scale, coef=coef)
 
 
 def _step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -119,13 +145,14 @@ def _step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     if _wraps_optimizer(optimizer):
         return  # a wrapper steps its inner optimizer, whose own step fires this hook
     if getattr(optimizer, "applies_gradpower_in_step", False):
-        return  # e.g. AdamPower: phi is part of its own step
-    if take_applied_flag(optimizer):
+        return  # e.g. AdamPower: phi (and a clip coefficient) is part of its own step
+    applied, coef = take_applied_flag(optimizer), take_clip_coef(optimizer)
+    if applied and coef is None:
         return
     if not is_attached(optimizer):
         _drop_loaded_power(optimizer)
         return
-    if not any(group.get(GROUP_KEY, 1.0) != 1.0 for group in optimizer.param_groups):
+    if coef is None and not any(group.get(GROUP_KEY, 1.0) != 1.0 for group in optimizer.param_groups):
         return
     if "grad_scaler" in kwargs:
         raise NotImplementedError(
@@ -134,7 +161,7 @@ def _step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         )
     # GradScaler sets grad_scale on optimizers that unscale inside their kernel (fused Adam/AdamW);
     # it is None when the gradients were already unscaled (unscale_ or clipping ran first).
-    _power_groups(optimizer, getattr(optimizer, "grad_scale", None))
+    power_groups_(optimizer, grad_scale=getattr(optimizer, "grad_scale", None), coef=coef, phi=not applied)
 
 
 def _drop_loaded_power(optimizer: torch.optim.Optimizer) -> None:

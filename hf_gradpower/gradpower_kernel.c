@@ -1,5 +1,6 @@
-/* GradPower CPU kernels: phi_p(x) = sign(x) |x|^p in place, and one AdamW step on phi_p(g) that reads each
-   gradient once. Built at first use by hf_gradpower/_cpu_kernel.py (no torch headers, plain C99 + OpenMP).
+/* GradPower CPU kernels: phi_p(x) = sign(x) |x|^p in place (times a clip coefficient), the sum of squares of
+   phi_p(x) (read only: the norm that clipping needs), and one AdamW step on coef * phi_p(g) that reads each
+   gradient once. Built at first use by hf_gradpower/kernels/cpu.py (no torch headers, plain C99 + OpenMP).
 
    One of three implementations is compiled, chosen by what the compiler targets:
      GP_IMPL 2  AVX-512F/DQ (x86-64-v4): p-form 2^(p e + p log2 m), getexp/getmant, 32-entry in-register
@@ -12,7 +13,7 @@
      GP_IMPL 1  portable C (ARM NEON, other ISAs, or -DGP_PORTABLE): the same q-form per element, written so
                 that the compiler auto-vectorises it (no libm calls in the loop).
    k[0..2] = (qh, ql, qf): q = p - 1 split so that qh * e is exact; k[3..5] = (ph, pl, pf): the same split of p.
-   k[6], k[7]: the AVX2 fast path's input window [k6, k7) = [2^-E, 2^(E+1)) (see _window in _cpu_kernel.py). */
+   k[6], k[7]: the AVX2 fast path's input window [k6, k7) = [2^-E, 2^(E+1)) (see _window in kernels/cpu.py). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -163,10 +164,11 @@ static void kern(float *restrict x, int64_t n, const float *k) {
    rsqrt14/rcp14 plus one Newton step each (2^-22 relative, 12 more FP-pipe ops) made the step slower on AMD EPYC
    Zen 4 (KVM), 1 thread, 34M params: 32.4 -> 38.3 ms here, 49.4 -> 57.1 ms for the AVX2 loop with rsqrtps/rcpps;
    even with no Newton step it was no faster. */
-typedef struct { __m512 decay, b1, omb1, b2, omb2, step, ibc2, eps; } gp_hyper;
+typedef struct { __m512 decay, b1, omb1, b2, omb2, step, ibc2, eps, coef; } gp_hyper;
 
 static inline __attribute__((always_inline)) void gp_adamw16(float *pp, __m512 g, float *mp, float *vp,
                                                              __mmask16 lm, const gp_hyper *a) {
+  g = _mm512_mul_ps(g, a->coef);                                         /* the clip coefficient: 1 is exact */
   __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, pp), a->decay);
   __m512 m = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lm, mp), a->b1, _mm512_mul_ps(g, a->omb1));
   __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lm, vp), a->b2, _mm512_mul_ps(_mm512_mul_ps(g, g), a->omb2));
@@ -182,11 +184,12 @@ static inline __attribute__((always_inline)) void gp_adamw16(float *pp, __m512 g
    (phi's dependency chain is too long for the out-of-order window to find that overlap on its own). Zen 4,
    1 thread, 4096 floats in L2: 0.84 -> 0.73 ns/element (distance 1: 0.76; two vectors per iteration: 0.79). */
 static void kern_adamw(float *restrict pp, const float *restrict gp, float *restrict mp, float *restrict vp,
-                       int64_t n, const float *k, const float *h) {
+                       int64_t n, const float *k, const float *h, float coef) {
   gp_consts c;
   gp_init(&c, k);
   const gp_hyper a = {_mm512_set1_ps(h[0]), _mm512_set1_ps(h[1]), _mm512_set1_ps(h[2]), _mm512_set1_ps(h[3]),
-                      _mm512_set1_ps(h[4]), _mm512_set1_ps(h[5]), _mm512_set1_ps(h[6]), _mm512_set1_ps(h[7])};
+                      _mm512_set1_ps(h[4]), _mm512_set1_ps(h[5]), _mm512_set1_ps(h[6]), _mm512_set1_ps(h[7]),
+                      _mm512_set1_ps(coef)};
   const __mmask16 all = (__mmask16)0xffff;
   int64_t i = 0;
   if (n >= 32) {
@@ -206,6 +209,26 @@ static void kern_adamw(float *restrict pp, const float *restrict gp, float *rest
     __mmask16 lm = (__mmask16)((1u << (n - i)) - 1u);
     gp_adamw16(pp + i, gp_phi16(_mm512_maskz_loadu_ps(lm, gp + i), &c), mp + i, vp + i, lm, &a);
   }
+}
+
+/* sum of phi_p(x)^2: each phi widened to double (its square is then exact) and accumulated in double */
+static inline void gp_acc16(__m512d *acc, __m512 y) {
+  __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(y)), hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(y, 1));
+  acc[0] = _mm512_fmadd_pd(lo, lo, acc[0]);
+  acc[1] = _mm512_fmadd_pd(hi, hi, acc[1]);
+}
+
+static double kern_sumsq(const float *restrict x, int64_t n, const float *k) {
+  gp_consts c;
+  gp_init(&c, k);
+  __m512d acc[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) gp_acc16(acc, gp_phi16(_mm512_loadu_ps(x + i), &c));
+  if (i < n) {                                                           /* zero lanes: phi(0) = 0 */
+    __mmask16 lm = (__mmask16)((1u << (n - i)) - 1u);
+    gp_acc16(acc, gp_phi16(_mm512_maskz_loadu_ps(lm, x + i), &c));
+  }
+  return _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]));
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -262,7 +285,7 @@ static void gp_init(gp_consts *c, const float *k) {
 }
 
 /* sign(x) |x|^p = x 2^(q e + q log2 m), |x| = m 2^e, for 8 lanes whose |x| lies in the window [2^-E, 2^(E+1))
-   (_window in _cpu_kernel.py): no special values, and x, x 2^f and |x|^p are all normal.
+   (_window in kernels/cpu.py): no special values, and x, x 2^f and |x|^p are all normal.
    y = q (e + L) = n + f with qh e exact and the small terms (q L, ql e) added last. Two forms:
    * short (deg 7, i.e. |q| <= 1/4): n = round(qh e) from the exponent alone, so the rounding is off the
      dependency chain: f = ((qh e - n) + ql e) + QL t, |f| <= 1/2 + |q| / 2 + |ql| E < 0.64 (|log2 m| <= 1/2,
@@ -378,10 +401,11 @@ static void kern(float *restrict x, int64_t n, const float *k) {
 }
 
 /* AdamW on 8 lanes given g = phi_p(grad) in registers (h's row, see gp_adamw_power_many) */
-typedef struct { __m256 decay, b1, omb1, b2, omb2, step, ibc2, eps; } gp_hyper;
+typedef struct { __m256 decay, b1, omb1, b2, omb2, step, ibc2, eps, coef; } gp_hyper;
 
 static inline __attribute__((always_inline)) void gp_adamw8(float *pp, __m256 g, float *mp, float *vp,
                                                             const gp_hyper *a) {
+  g = _mm256_mul_ps(g, a->coef);                                         /* the clip coefficient: 1 is exact */
   __m256 p = _mm256_mul_ps(_mm256_loadu_ps(pp), a->decay);
   __m256 m = _mm256_fmadd_ps(_mm256_loadu_ps(mp), a->b1, _mm256_mul_ps(g, a->omb1));
   __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(vp), a->b2, _mm256_mul_ps(_mm256_mul_ps(g, g), a->omb2));
@@ -396,11 +420,12 @@ static inline __attribute__((always_inline)) void gp_adamw8(float *pp, __m256 g,
    so their sqrt and divide run beside the next phi's FMAs (Zen 4, 1 thread, 4096 floats in L2: 0.96 -> 0.90
    ns/element). */
 static void kern_adamw(float *restrict pp, const float *restrict gp, float *restrict mp, float *restrict vp,
-                       int64_t n, const float *k, const float *h) {
+                       int64_t n, const float *k, const float *h, float coef) {
   gp_consts c;
   gp_init(&c, k);
   const gp_hyper a = {_mm256_set1_ps(h[0]), _mm256_set1_ps(h[1]), _mm256_set1_ps(h[2]), _mm256_set1_ps(h[3]),
-                       _mm256_set1_ps(h[4]), _mm256_set1_ps(h[5]), _mm256_set1_ps(h[6]), _mm256_set1_ps(h[7])};
+                       _mm256_set1_ps(h[4]), _mm256_set1_ps(h[5]), _mm256_set1_ps(h[6]), _mm256_set1_ps(h[7]),
+                       _mm256_set1_ps(coef)};
   int64_t i = 0;
 #define GP_ADAMW_LOOP(D)                                                                          \
   if (n >= 64) {                                                                                  \
@@ -420,12 +445,44 @@ static void kern_adamw(float *restrict pp, const float *restrict gp, float *rest
   GP_BY_DEG(c, GP_ADAMW_LOOP);
 #undef GP_ADAMW_LOOP
   for (; i < n; i++) {
-    float g = gp_phi1(gp[i], k[0], k[1], k[2]);
+    float g = gp_phi1(gp[i], k[0], k[1], k[2]) * coef;
     float m = fmaf(mp[i], h[1], g * h[2]), v = fmaf(vp[i], h[3], (g * g) * h[4]);
     mp[i] = m;
     vp[i] = v;
     pp[i] = fmaf(-h[5], m / fmaf(sqrtf(v), h[6], h[7]), pp[i] * h[0]);
   }
+}
+
+/* sum of phi_p(x)^2: each phi widened to double (its square is then exact) and accumulated in double */
+static inline __attribute__((always_inline)) void gp_acc8(__m256d *acc, __m256 y) {
+  __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(y)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1));
+  acc[0] = _mm256_fmadd_pd(lo, lo, acc[0]);
+  acc[1] = _mm256_fmadd_pd(hi, hi, acc[1]);
+}
+
+static double kern_sumsq(const float *restrict x, int64_t n, const float *k) {
+  gp_consts c;
+  gp_init(&c, k);
+  __m256d acc[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+  int64_t i = 0;
+#define GP_SUMSQ_LOOP(D)                                                                          \
+  for (; i + 32 <= n; i += 32) {                                                                  \
+    __m256 v[4];                                                                                  \
+    for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_ps(x + i + 8 * j);                            \
+    gp_phi32v(v, &c, D);                                                                          \
+    for (int j = 0; j < 4; j++) gp_acc8(acc, v[j]);                                               \
+  }                                                                                               \
+  for (; i + 8 <= n; i += 8) gp_acc8(acc, gp_phi8(_mm256_loadu_ps(x + i), &c, D))
+  GP_BY_DEG(c, GP_SUMSQ_LOOP);
+#undef GP_SUMSQ_LOOP
+  __m256d s4 = _mm256_add_pd(acc[0], acc[1]);
+  __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
+  double s = _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
+  for (; i < n; i++) {
+    double y = gp_phi1(x[i], k[0], k[1], k[2]);
+    s += y * y;
+  }
+  return s;
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -437,17 +494,29 @@ static void kern(float *restrict x, int64_t n, const float *k) {
 }
 
 static void kern_adamw(float *restrict pp, const float *restrict gp, float *restrict mp, float *restrict vp,
-                       int64_t n, const float *k, const float *h) {
+                       int64_t n, const float *k, const float *h, float coef) {
   const float qh = k[0], ql = k[1], qf = k[2];
   const float decay = h[0], b1 = h[1], omb1 = h[2], b2 = h[3], omb2 = h[4], step = h[5], ibc2 = h[6], eps = h[7];
 #pragma omp simd
   for (int64_t i = 0; i < n; i++) {
-    float g = gp_phi1(gp[i], qh, ql, qf);
+    float g = gp_phi1(gp[i], qh, ql, qf) * coef;
     float m = mp[i] * b1 + g * omb1, v = vp[i] * b2 + (g * g) * omb2;
     mp[i] = m;
     vp[i] = v;
     pp[i] = pp[i] * decay - step * (m / (sqrtf(v) * ibc2 + eps));
   }
+}
+
+/* sum of phi_p(x)^2 in double (the square of a float widened to double is exact) */
+static double kern_sumsq(const float *restrict x, int64_t n, const float *k) {
+  const float qh = k[0], ql = k[1], qf = k[2];
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; i++) {
+    double y = gp_phi1(x[i], qh, ql, qf);
+    s += y * y;
+  }
+  return s;
 }
 #endif
 
@@ -494,15 +563,48 @@ static inline int gp_owner(const int64_t *offs, int count, int64_t chunk) {
   if (offs != stack_offs) free(offs);                                                              \
   return 0;
 
-/* x_i <- phi_p(x_i) for count contiguous float32 arrays. */
-int gp_sign_power_many(float *const *xs, const int64_t *ns, int count, const float *k, int nthreads) {
-  GP_FOR_CHUNKS(kern(xs[t] + lo, len, k))
+/* x <- coef x on a chunk just transformed by kern: it is still in L2, so memory sees one pass */
+static void gp_scale(float *restrict x, int64_t n, float coef) {
+  for (int64_t j = 0; j < n; j++) x[j] *= coef;
 }
 
-/* One AdamW step (decoupled weight decay) on phi_p(grad) per tensor, each array read and written once.
+/* x_i <- coef * phi_p(x_i) for count contiguous float32 arrays (coef = 1: phi alone, no second sweep). */
+int gp_sign_power_many(float *const *xs, const int64_t *ns, int count, const float *k, float coef, int nthreads) {
+  GP_FOR_CHUNKS(kern(xs[t] + lo, len, k); if (coef != 1.0f) gp_scale(xs[t] + lo, len, coef))
+}
+
+/* part[c] = sum of phi_p(x)^2 over chunk c (chunks numbered as GP_FOR_CHUNKS deals them) */
+static int gp_sumsq_chunks(const float *const *xs, const int64_t *ns, int count, const float *k, double *part,
+                           int nthreads) {
+  GP_FOR_CHUNKS(part[c] = kern_sumsq(xs[t] + lo, len, k))
+}
+
+/* out[i] = sum of phi_p(x)^2 over array i, read only. Accumulated in double per chunk (the squares of the float32
+   phi values are exact there, the sums round at 2^-53 relative), and the chunk sums of each array added in chunk
+   order after the parallel region: the result does not depend on the number of threads. */
+int gp_phi_sumsq_many(const float *const *xs, const int64_t *ns, int count, const float *k, double *out,
+                      int nthreads) {
+  int64_t nch = 0;
+  for (int i = 0; i < count; i++) nch += (ns[i] + GP_CHUNK - 1) / GP_CHUNK;
+  double *part = (double *)malloc(sizeof(double) * (nch > 0 ? nch : 1));
+  if (!part) return -1;
+  int rc = gp_sumsq_chunks(xs, ns, count, k, part, nthreads);
+  int64_t c = 0;
+  for (int i = 0; rc == 0 && i < count; i++) {
+    double s = 0.0;
+    for (int64_t e = (ns[i] + GP_CHUNK - 1) / GP_CHUNK; e > 0; e--) s += part[c++];
+    out[i] = s;
+  }
+  free(part);
+  return rc;
+}
+
+/* One AdamW step (decoupled weight decay) on coef * phi_p(grad) per tensor, each array read and written once
+   (coef: the clip coefficient, rounded after phi as clipping a stored phi would; 1 is exact: the unclipped step).
    h + 8 i = (1 - lr*wd, beta1, 1 - beta1, beta2, 1 - beta2, lr / bias_correction1, 1 / sqrt(bias_correction2),
    eps) for tensor i. */
 int gp_adamw_power_many(float *const *params, float *const *grads, float *const *exp_avgs, float *const *exp_avg_sqs,
-                        const int64_t *ns, int count, const float *k, const float *h, int nthreads) {
-  GP_FOR_CHUNKS(kern_adamw(params[t] + lo, grads[t] + lo, exp_avgs[t] + lo, exp_avg_sqs[t] + lo, len, k, h + 8 * t))
+                        const int64_t *ns, int count, const float *k, const float *h, float coef, int nthreads) {
+  GP_FOR_CHUNKS(kern_adamw(params[t] + lo, grads[t] + lo, exp_avgs[t] + lo, exp_avg_sqs[t] + lo, len, k, h + 8 * t,
+                           coef))
 }

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr, _zeropower_via_newtonschulz
 
 from hf_gradpower.adamw_step import adamw_group_step
-from hf_gradpower.attach import GROUP_KEY, is_attached, take_applied_flag
+from hf_gradpower.attach import GROUP_KEY, is_attached, power_groups_, take_applied_flag, take_clip_coef
 from hf_gradpower.kernels import dispatch
 from hf_gradpower.muon_sharded import (
     MatrixJob,
@@ -41,7 +41,6 @@ from hf_gradpower.muon_sharded import (
     orthogonalise_replicated,
     orthogonalise_sharded,
 )
-from hf_gradpower.transform import power_
 
 MUON_DEFAULTS = {
     "use_muon": False,
@@ -136,21 +135,23 @@ class MuonAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        fused_powers = take_fused_muon_powers(self) if self.applies_gradpower_in_step else {}
+        fused_powers, coef = take_fused_muon_powers(self) if self.applies_gradpower_in_step else ({}, None)
         muon_groups = [group for group in self.param_groups if group["use_muon"]]
         if muon_groups:
-            self._muon_step(muon_groups, fused_powers)
+            self._muon_step(muon_groups, fused_powers, coef)
         for group in self.param_groups:
             if not group["use_muon"]:
                 adamw_group_step(self, group)
         return loss
 
-    def _muon_step(self, groups: list[dict], fused_powers: dict[int, float] | None = None) -> None:
+    def _muon_step(self, groups: list[dict], fused_powers: dict[int, float] | None = None,
+                   coef: torch.Tensor | None = None) -> None:
         """``torch.optim.Muon``'s update, extended to stacks of matrices (MoE experts) and to sharded parameters.
 
         Momentum, weight decay and the update run on each rank's own shard; only Newton-Schulz needs whole
         matrices, and :mod:`hf_gradpower.muon_sharded` brings each one to a single owner rank.
-        ``fused_powers[id(group)] = p``: phi_p(g) fused into that group's momentum update (accelerators).
+        ``fused_powers[id(group)] = p``: ``coef * phi_p(g)`` fused into that group's momentum update (accelerators;
+        ``coef``: the clip coefficient :func:`hf_gradpower.clip_and_power_` left, or None).
         """
         entries, sharded, replicated = [], {}, []
         self.ns_stats.orthogonalised_numel = 0
@@ -172,7 +173,7 @@ class MuonAdamW(torch.optim.AdamW):
                 fused_power = (fused_powers or {}).get(id(group), 1.0)
                 if fused_power != 1.0:
                     update = dispatch.muon_momentum_(local_grad, buf, group["momentum"], fused_power,
-                                                     group["nesterov"])  # fmt: skip
+                                                     group["nesterov"], coef=coef)  # fmt: skip
                 else:
                     buf.lerp_(local_grad, 1 - group["momentum"])
                     update = local_grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
@@ -203,22 +204,22 @@ def fuses_muon_power(group: dict, p: float) -> bool:
     return dispatch.fuses_muon([_local(q.grad) for q in group["params"] if q.grad is not None])
 
 
-def take_fused_muon_powers(optimizer: torch.optim.Optimizer) -> dict[int, float]:
-    """For ``MuonAdamW.step``: ``{id(group): p}`` of the Muon groups whose phi this step fuses into the momentum.
+def take_fused_muon_powers(optimizer: torch.optim.Optimizer) -> tuple[dict[int, float], torch.Tensor | None]:
+    """For ``MuonAdamW.step``: ``{id(group): p}`` of the Muon groups whose phi this step fuses into the momentum,
+    and the clip coefficient :func:`hf_gradpower.clip_and_power_` left (None if none).
 
     Called only when ``applies_gradpower_in_step`` made the global hook stand aside: unless
-    :func:`hf_gradpower.apply_now` already transformed the gradients, the other GradPower groups get phi here.
+    :func:`hf_gradpower.apply_now` already transformed the gradients, the other groups get phi (times the
+    coefficient) here, in one pass over their gradients.
     """
-    if take_applied_flag(optimizer):
-        return {}
+    applied, coef = take_applied_flag(optimizer), take_clip_coef(optimizer)
     fused = {}
     for group in optimizer.param_groups:
         p = group.get(GROUP_KEY, 1.0)
-        if fuses_muon_power(group, p):
+        if not applied and fuses_muon_power(group, p):
             fused[id(group)] = p
-        elif p != 1.0:
-            power_((q.grad for q in group["params"]), p)
-    return fused
+    power_groups_(optimizer, coef=coef, phi=not applied, skip=frozenset(fused))
+    return fused, coef
 
 
 def orthogonalise_update(

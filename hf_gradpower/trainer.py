@@ -14,9 +14,11 @@ logged with the train loss (``noise/b_simple``, ``noise/grad_sq``, ``noise/trace
 ``gradpower_p``).
 
 Order (``gradpower_order``):
-  * ``"before_clip"`` (default, the paper's Algorithm 1: clip(phi(g))): phi runs inside
-    ``_clip_grad_norm``, before Trainer clips; under fp16 the gradients still carry the loss scale
-    there, so they are transformed as ``s * phi(g / s)``. The logged ``grad_norm`` is that of phi(g).
+  * ``"before_clip"`` (default, the paper's Algorithm 1: clip(phi(g))): ``_clip_grad_norm`` runs
+    :func:`hf_gradpower.clip_and_power_`: the norm of phi(g) from one read-only pass, and the optimizer step
+    applies phi and the clip coefficient in its own pass (under fp16 the norm is that of phi(g / s), s the
+    loss scale the gradients still carry). The logged ``grad_norm`` is that of phi(g). Under DeepSpeed,
+    FSDP1, XLA or mixed device meshes phi is written into the gradients first and Trainer clips them.
   * ``"after_clip"`` (phi(clip(g))): phi runs in the optimizer's step pre-hook; ``grad_norm`` is
     that of g. This is also what a plain ``Trainer`` with :func:`optimizer_cls_and_kwargs` does.
 """
@@ -32,6 +34,7 @@ from transformers.trainer_callback import ExportableState
 
 from hf_gradpower.attach import GROUP_KEY, apply_now, inner_optimizer
 from hf_gradpower.checkpoints import resolve_resume
+from hf_gradpower.clipping import clip_and_power_
 from hf_gradpower.noise import DEFAULT_NOISE_EVERY, GradientNoiseMeter, adam_snr
 from hf_gradpower.optimizers import available_optimizers, build_optimizer, resolve_name
 from hf_gradpower.p_schedule import (
@@ -249,8 +252,25 @@ class GradPowerMixin:
         if callback is not None and callback.meter is not None:
             callback.meter.measure(grad_scale=self._pending_loss_scale())  # raw: before phi and clipping
         if getattr(self.args, "gradpower_order", "after_clip") == "before_clip":
+            if self._clips_with_power(model):
+                return clip_and_power_(self.optimizer, self.args.max_grad_norm, grad_scale=self._pending_loss_scale())
             apply_now(self.optimizer, grad_scale=self._pending_loss_scale())
         return super()._clip_grad_norm(model)
+
+    def _clips_with_power(self, model) -> bool:
+        """Whether clip_and_power_ stands in for Trainer's clipping: GradPower with some p != 1 on plain, DDP or
+        FSDP2 gradients (DeepSpeed, FSDP1 and XLA clip inside their own engines; mixed meshes take Trainer's own
+        reduction; without phi Trainer's clipping is the same thing)."""
+        from accelerate.utils import DistributedType
+
+        optimizer = inner_optimizer(self.optimizer)
+        if not any(group.get(GROUP_KEY, 1.0) != 1.0 for group in optimizer.param_groups):
+            return False
+        kind = self.accelerator.distributed_type
+        if kind in (DistributedType.DEEPSPEED, DistributedType.XLA) or (kind == DistributedType.FSDP and not
+                                                                         self.accelerator.is_fsdp2):
+            return False
+        return not self._has_mixed_mesh_grads(model)
 
     def _pending_loss_scale(self):
         """The fp16 loss scale the gradients still carry at clipping time, or None."""

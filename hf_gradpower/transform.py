@@ -66,19 +66,44 @@ def sign_power_tensor_(g: torch.Tensor, p: float) -> torch.Tensor:
 
 @torch.no_grad()
 def power_(
-    grads: Iterable[torch.Tensor | None], p: float, *, grad_scale: torch.Tensor | float | None = None
+    grads: Iterable[torch.Tensor | None], p: float, *, grad_scale: torch.Tensor | float | None = None,
+    coef: torch.Tensor | None = None,
 ) -> None:
     """Apply phi_p in place to every tensor in ``grads`` (``None`` entries are skipped).
 
     ``grad_scale``: the loss scale the gradients still carry (GradScaler); the result is
     ``s * phi(g / s)`` so that dividing by ``s`` later yields ``phi`` of the true gradient.
-    ``p == 1`` is the identity and returns without touching memory (bit-exact baseline).
+    ``coef``: a clip coefficient (0-d float32 tensor) multiplied into the result in the same pass
+    (:func:`hf_gradpower.clip_and_power_` leaves it for the step).
+    ``p == 1`` is the identity and returns without touching memory (bit-exact baseline), unless ``coef`` is given.
     Each kernel backend gets its share of the tensors in one call (see :mod:`hf_gradpower.kernels`).
     """
     p = validate_power(p)
+    local = [_checked_local(g) for g in grads if g is not None]
     if p == 1.0:
+        if coef is not None and local:
+            torch._foreach_mul_(local, coef)
         return
-    dispatch.phi_([_checked_local(g) for g in grads if g is not None], p, grad_scale=grad_scale)
+    dispatch.phi_(local, p, grad_scale=grad_scale, coef=coef)
+
+
+@torch.no_grad()
+def power_sq_sum(
+    grads: Iterable[torch.Tensor | None], p: float, *, grad_scale: torch.Tensor | float | None = None
+) -> torch.Tensor | None:
+    """Sum of phi_p(g)**2 over every element of the local gradients (a DTensor's shard on this rank), read only;
+    with ``grad_scale`` s that of the true gradients g / s. float64, 0-d, on the first gradient's device (None
+    without gradients). Each kernel backend reads its share in one call."""
+    p = validate_power(p)
+    local = [_checked_local(g) for g in grads if g is not None]
+    if not local:
+        return None
+    device = local[0].device
+    total = torch.stack([s.to(device, torch.float64) for s in dispatch.phi_sum_sq(local, p, grad_scale=grad_scale)])
+    total = total.sum()
+    if grad_scale is not None:  # the backends sum (s phi(g / s))^2
+        total = total / torch.as_tensor(grad_scale, dtype=torch.float64, device=device).square()
+    return total
 
 
 def sign_power(g: torch.Tensor, p: float) -> torch.Tensor:

@@ -56,15 +56,21 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if type(t).__name__ == "DTensor" else t
 
 
-def train_step(model, opt, batch, order: str) -> float:
+def train_step(model, opt, batch, order: str, norms: list | None = None) -> float:
+    """One step; ``order``: before_clip (apply_now, clip_grad_norm_), after_clip, or fused (clip_and_power_)."""
     loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
-    if order == "before_clip":
-        gp.apply_now(opt)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    if order == "fused":
+        norm = gp.clip_and_power_(opt, CLIP)
+    else:
+        if order == "before_clip":
+            gp.apply_now(opt)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    if norms is not None:
+        norms.append(full(norm).item())
     opt.step()
     opt.zero_grad()
-    if type(next(model.parameters())).__name__ == "DTensor":
+    if type(next(model.parameters())).__name__ == "DTensor" or hasattr(model, "module"):  # FSDP2 or DDP
         loss = loss.detach().clone()
         dist.all_reduce(loss, op=dist.ReduceOp.AVG)
     return loss.item()
@@ -75,20 +81,28 @@ def max_param_diff(a, b) -> float:
     return max((full(x.detach()) - full(y.detach())).abs().max().item() for x, y in pairs)
 
 
-def training_matches_one_process(name: str, optim: str, order: str) -> dict:
-    """Losses and parameters of an FSDP2 run (batch split over ranks) vs one process with the global batch."""
-    ref, sharded = MODELS[name](), shard(MODELS[name]())
+def training_matches_one_process(name: str, optim: str, order: str, ref_order: str | None = None,
+                                 wrap=shard) -> dict:
+    """Losses, clipping norms and parameters of a data-parallel run (``wrap``: FSDP2 by default; the batch split
+    over ranks) in ``order`` vs one process with the global batch in ``ref_order`` (default: the same)."""
+    ref, sharded = MODELS[name](), wrap(MODELS[name]())
     ref_opt = gp.build_optimizer(ref, optim, lr=LR, weight_decay=WD, betas=(0.9, 0.95))
     opt = gp.build_optimizer(sharded, optim, lr=LR, weight_decay=WD, betas=(0.9, 0.95))
-    ref_losses, losses = [], []
+    ref_losses, losses, ref_norms, norms = [], [], [], []
     for batch in batches():
-        ref_losses.append(train_step(ref, ref_opt, batch, order))
-        losses.append(train_step(sharded, opt, local_rows(batch), order))
+        ref_losses.append(train_step(ref, ref_opt, batch, ref_order or order, ref_norms))
+        losses.append(train_step(sharded, opt, local_rows(batch), order, norms))
     return {
         "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)),
-        "param_abs": max_param_diff(sharded, ref),
+        "norm_rel": max(abs(a - b) / abs(b) for a, b in zip(norms, ref_norms, strict=True)),
+        "clipped_steps": sum(n > CLIP for n in ref_norms),
+        "param_abs": max_param_diff(sharded.module if hasattr(sharded, "module") else sharded, ref),
         "loss_drop": ref_losses[-1] / ref_losses[0],
     }
+
+
+def ddp(model):
+    return torch.nn.parallel.DistributedDataParallel(model)
 
 
 def same_gradients_give_the_same_step(name: str) -> dict:
@@ -198,6 +212,10 @@ def main() -> None:
             results[f"muonpower/{name}/train"] = training_matches_one_process(name, "muonpower", "before_clip")
             results[f"muonpower/{name}/same_grads"] = same_gradients_give_the_same_step(name)
             results["muon/uneven/same_grads"] = uneven_shards_give_the_same_step()
+        if "fused" in checks and name == "llama":  # clip_and_power_ vs apply_now + clip_grad_norm_ on one process
+            for optim in ("adampower", "muonpower"):
+                results[f"fused/{optim}/fsdp2"] = training_matches_one_process(name, optim, "fused", "before_clip")
+                results[f"fused/{optim}/ddp"] = training_matches_one_process(name, optim, "fused", "before_clip", ddp)
         if "ddp" in checks:
             results[f"muonpower/{name}/ddp_split"] = ddp_split_equals_every_rank_doing_all(name)
         if "resume" in checks:

@@ -305,9 +305,11 @@ def test_multi_tensor_entry_equals_one_call_per_tensor(name):
 
 
 @pytest.mark.parametrize("name", VARIANT_NAMES)
-def test_each_variant_adamw_on_phi_matches_the_float64_formula(name):
-    """One AdamW step on phi_p(g) per tensor, each with its own step (hyper row), vs float64. The sizes cover
-    chunk remainders and the edges of the software-pipelined loops (under 32 floats, 32, 47, 48, 63, 64, 95)."""
+@pytest.mark.parametrize("coef", [1.0, 0.37])
+def test_each_variant_adamw_on_phi_matches_the_float64_formula(name, coef):
+    """One AdamW step on coef * phi_p(g) per tensor (coef: a clip coefficient), each with its own step (hyper
+    row), vs float64. The sizes cover chunk remainders and the edges of the software-pipelined loops (under 32
+    floats, 32, 47, 48, 63, 64, 95)."""
     kernel = _variant(name)
     g = torch.Generator().manual_seed(3)
     sizes = (100_003, 517, 1, 17, 32, 47, 48, 63, 64, 95)
@@ -322,10 +324,10 @@ def test_each_variant_adamw_on_phi_matches_the_float64_formula(name):
         bc1, bc2 = 1 - b1**step, 1 - b2**step
         hyper += [1 - lr * wd, b1, 1 - b1, b2, 1 - b2, lr / bc1, 1 / bc2**0.5, eps]
     outs = [[t.clone() for t in ts] for ts in (params, ms, vs)]
-    kernel.adamw_power_many(*outs[:1], grads, *outs[1:], p, (ctypes.c_float * len(hyper))(*hyper), 2)
+    kernel.adamw_power_many(*outs[:1], grads, *outs[1:], p, (ctypes.c_float * len(hyper))(*hyper), 2, coef=coef)
     for i, step in enumerate(steps):
         gd = grads[i].double()
-        phi = gd.abs().pow(p) * gd.sign()
+        phi = gd.abs().pow(p) * gd.sign() * C._f32(coef)
         m = b1 * ms[i].double() + (1 - b1) * phi
         v = b2 * vs[i].double() + (1 - b2) * phi * phi
         upd = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + eps)
@@ -381,8 +383,49 @@ def test_each_variant_adamw_update_matches_float64_over_all_magnitudes_of_v(name
             assert got == pytest.approx(want[i], rel=2e-6, abs=0), (i, got, want[i])
 
 
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_each_variant_sum_of_squares_of_phi_matches_float64(name):
+    """The read-only norm entry: per-tensor sums of phi_p(x)^2 vs float64 over sizes at the chunk and loop edges
+    and magnitudes 1e-9..10, within 2 * ULP_BOUNDS ulp (relative; the squares and sums are in double), the same
+    bits for 1 and 2 threads, inputs untouched; inf gives inf, nan gives nan, an empty tensor 0."""
+    kernel = _variant(name)
+    bound = 2 * C.ULP_BOUNDS[kernel.impl.removesuffix("-1thread")] * 2.0**-23
+    g = torch.Generator().manual_seed(13)
+    sizes = (100_003, 16_384, 16_385, 517, 1, 17, 32, 47, 63, 0, 95)
+    xs = [torch.randn(n, generator=g) * 10.0 ** torch.empty(n).uniform_(-9, 1, generator=g) for n in sizes]
+    xs[1][::97] = 0.0
+    xs[3][:4] = torch.tensor([1e-45, -1e-40, 2e-38, -3e4])  # subnormal inputs and a large one
+    for p in (0.5, 0.8, 1.0, 1.2, 1.5, 2.5, 4.0):
+        before = [x.clone() for x in xs]
+        got = kernel.phi_sumsq_many(xs, p, 2)
+        assert torch.equal(got, kernel.phi_sumsq_many(xs, p, 1)), "depends on the thread count"
+        assert all(torch.equal(x, b) for x, b in zip(xs, before, strict=True)), "the gradients must be read only"
+        want = torch.stack([(x.double().abs() ** (2 * p)).sum() for x in xs])
+        rel = ((got - want).abs() / want.clamp_min(1e-300)).max().item()
+        assert got[sizes.index(0)] == 0.0 and rel <= bound, f"{kernel.impl} p={p}: {rel:.3g} > {bound:.3g}"
+    for special, want in ((float("inf"), math.inf), (float("nan"), math.nan)):
+        x = torch.randn(1000, generator=g)
+        x[511] = special
+        got = kernel.phi_sumsq_many([x], 1.2, 2)[0].item()
+        assert (math.isnan(got) and math.isnan(want)) or got == want
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_each_variant_phi_with_a_clip_coefficient_is_phi_then_one_multiply(name):
+    """coef * phi_p(x) in one call: bit for bit phi followed by a float32 multiply (what clipping a stored phi
+    does), chunk remainders included; coef = 1 is phi itself."""
+    kernel = _variant(name)
+    g = torch.Generator().manual_seed(17)
+    xs = [torch.randn(n, generator=g) * 1e-3 for n in (100_003, 16_385, 31, 1)]
+    for coef in (0.37, 1.0, 3.0):
+        scaled, plain = [x.clone() for x in xs], [x.clone() for x in xs]
+        kernel.sign_power_many(scaled, 1.2, 2, coef=coef)
+        kernel.sign_power_many(plain, 1.2, 2)
+        assert all(torch.equal(a, b * coef) for a, b in zip(scaled, plain, strict=True))
+
+
 def test_portable_loop_auto_vectorises_without_libm_calls():
-    """gcc reports both portable loops vectorised (what NEON gets on ARM): no libm call blocks it."""
+    """gcc reports the three portable loops (phi, AdamW, sum of squares) vectorised (what NEON gets on ARM): no libm call blocks it."""
     cc = C._find_compiler()
     if cc is None:
         pytest.skip("no C compiler")
@@ -393,7 +436,7 @@ def test_portable_loop_auto_vectorises_without_libm_calls():
     lines = C.SOURCE.read_text().splitlines()
     loops = {i + 1 for i, line in enumerate(lines) if "for (int64_t i = 0; i < n; i++)" in line}
     reported = {int(m) for m in re.findall(r"gradpower_kernel.c:(\d+):\d+: optimized: loop vectorized", res.stderr)}
-    assert len(loops) == 2 and all(reported & {line, line + 1} for line in loops), (loops, reported)  # gcc may
+    assert len(loops) == 3 and all(reported & {line, line + 1} for line in loops), (loops, reported)  # gcc may
     # name the loop body's first line
 
 

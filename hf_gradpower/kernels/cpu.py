@@ -14,8 +14,8 @@ after :func:`validate` reproduced a float64 reference on a probe tensor; otherwi
 
 Operations (the set every backend offers): :func:`phi_` (float32 tensors in one call; bf16/fp16 through a
 float32 copy), :func:`adamw_` (float32 parameters, gradients and state), :func:`muon_momentum_` (phi by the
-kernel, the momentum by torch ops), :func:`phi_sum_sq` and the ``coef`` factor (eager until the C kernel
-has them: see ``C_HAS_SUM_SQ`` / ``C_HAS_COEF``).
+kernel, the momentum by torch ops), :func:`phi_sum_sq` (read only, the squares summed in float64). Each takes
+a clip coefficient ``coef`` (0-d CPU tensor), multiplied into phi(g) in the same pass.
 
 Accuracy of phi against float64, for 0 < p <= 4 (larger ``p`` is served by the eager backend), measured on
 CPU: maximum 1.22 ulp for AVX-512, 2.54 for AVX2 and the portable C loop (:data:`ULP_BOUNDS`), specials exact.
@@ -124,21 +124,38 @@ class CpuKernel:
         self.flags = flags
         self.cached = cached
 
-    def sign_power_many(self, xs: Sequence[torch.Tensor], p: float, nthreads: int) -> None:
-        """``x <- phi_p(x)`` for each tensor."""
+    def sign_power_many(self, xs: Sequence[torch.Tensor], p: float, nthreads: int, coef: float = 1.0) -> None:
+        """``x <- coef * phi_p(x)`` for each tensor (``coef`` is applied to each chunk while it is in cache)."""
         rc = self.lib.gp_sign_power_many(
             _array(_PTRS, [x.data_ptr() for x in xs]), _array(_I64, [x.numel() for x in xs]), len(xs),
-            constants(p), nthreads,
+            constants(p), coef, nthreads,
         )
         if rc:
             raise MemoryError("gradpower kernel: out of memory")
 
+    def phi_sumsq_many(self, xs: Sequence[torch.Tensor], p: float, nthreads: int) -> torch.Tensor:
+        """Per-tensor sums of ``phi_p(x)**2`` (float64, one entry per tensor), reading each tensor once.
+
+        Error: each phi is within ``ULP_BOUNDS`` of float64, its square and the sums are exact to 2**-53 per
+        addition, so a sum is within ``2 * ULP_BOUND * 2**-23`` (relative) of the float64 reference plus
+        ``numel * 2**-53``; it does not depend on ``nthreads``.
+        """
+        out = torch.empty(len(xs), dtype=torch.float64)
+        rc = self.lib.gp_phi_sumsq_many(
+            _array(_PTRS, [x.data_ptr() for x in xs]), _array(_I64, [x.numel() for x in xs]), len(xs),
+            constants(p), out.data_ptr(), nthreads,
+        )
+        if rc:
+            raise MemoryError("gradpower kernel: out of memory")
+        return out
+
     def adamw_power_many(self, params, grads, exp_avgs, exp_avg_sqs, p: float, hyper: ctypes.Array,
-                         nthreads: int) -> None:
-        """One AdamW step on phi_p(grad) per tensor; ``hyper`` holds 8 floats per tensor (see the C file)."""
+                         nthreads: int, coef: float = 1.0) -> None:
+        """One AdamW step on ``coef * phi_p(grad)`` per tensor; ``hyper`` holds 8 floats per tensor (see the
+        C file). ``coef``: the clip coefficient (1.0 gives the unclipped step, bit for bit)."""
         ptrs = [_array(_PTRS, [t.data_ptr() for t in ts]) for ts in (params, grads, exp_avgs, exp_avg_sqs)]
         rc = self.lib.gp_adamw_power_many(
-            *ptrs, _array(_I64, [t.numel() for t in params]), len(params), constants(p), hyper, nthreads
+            *ptrs, _array(_I64, [t.numel() for t in params]), len(params), constants(p), hyper, coef, nthreads
         )
         if rc:
             raise MemoryError("gradpower kernel: out of memory")
@@ -234,9 +251,11 @@ def build(variant: str = "native") -> CpuKernel:
         except Exception as exc:
             errors.append(f"{' '.join(extra)}: {exc}")
             continue
-        lib.gp_sign_power_many.argtypes = [_PTRS, _PTRS, ctypes.c_int, _PTRS, ctypes.c_int]
-        lib.gp_adamw_power_many.argtypes = [_PTRS] * 5 + [ctypes.c_int, _PTRS, _PTRS, ctypes.c_int]
-        lib.gp_sign_power_many.restype = lib.gp_adamw_power_many.restype = lib.gp_impl.restype = ctypes.c_int
+        lib.gp_sign_power_many.argtypes = [_PTRS, _PTRS, ctypes.c_int, _PTRS, ctypes.c_float, ctypes.c_int]
+        lib.gp_phi_sumsq_many.argtypes = [_PTRS, _PTRS, ctypes.c_int, _PTRS, _PTRS, ctypes.c_int]
+        lib.gp_adamw_power_many.argtypes = [_PTRS] * 5 + [ctypes.c_int, _PTRS, _PTRS, ctypes.c_float, ctypes.c_int]
+        for entry in (lib.gp_sign_power_many, lib.gp_phi_sumsq_many, lib.gp_adamw_power_many, lib.gp_impl):
+            entry.restype = ctypes.c_int
         impl = _IMPL_NAMES.get(lib.gp_impl(), "c")
         if "-fopenmp" not in extra:
             impl += "-1thread"
@@ -311,18 +330,32 @@ def validate(k: CpuKernel, reference_) -> tuple[bool, str]:
                 y[both], ye[both], rtol=1e-5, atol=1e-44
             ):
                 return False, f"p={p}: mismatch against the eager path"
+    return _validate_clipping(k, x[torch.isfinite(x) & (x.abs() < 1e9)], worst)
+
+
+def _validate_clipping(k: CpuKernel, x: torch.Tensor, worst: float) -> tuple[bool, str]:
+    """The entries clipping uses: sums of phi(x)^2 against float64 (within 2 * _VALIDATION_ULP ulp, relative) and
+    phi with a clip coefficient, which must be phi then one float32 multiply, bit for bit."""
+    coef = 0.3125  # a power of two times 5: the product is rounded
+    for p in (0.8, 1.2, 2.0):
+        for nthreads in (1, max(1, torch.get_num_threads())):
+            parts = [x[: len(x) // 3], x[len(x) // 3 :]]
+            got = k.phi_sumsq_many(parts, p, nthreads)
+            want = torch.stack([(t.double().abs() ** (2 * p)).sum() for t in parts])
+            rel = float(((got - want).abs() / want).max())
+            if not rel <= 2 * _VALIDATION_ULP * 2.0**-23:
+                return False, f"p={p}: sum of squares off by {rel:.3g} (relative)"
+            y, z = x.clone(), x.clone()
+            k.sign_power_many([y], p, nthreads, coef=coef)
+            k.sign_power_many([z], p, nthreads)
+            if not torch.equal(y, z * coef):
+                return False, f"p={p}: phi with a clip coefficient is not phi times the coefficient"
     return True, f"max error {worst:.2f} ulp on probe"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the backend: first use, state, operations
 # ----------------------------------------------------------------------------------------------------------
-# Fused clipping needs a sum-of-squares pass over phi(g) and a ``coef`` factor inside the AdamW and Muon
-# operations. The C kernel has neither yet: these two flags route those calls to the eager backend (correct,
-# unfused) until gradpower_kernel.c has them.
-C_HAS_SUM_SQ = False
-C_HAS_COEF = False
-
 _lock = threading.Lock()
 _state: dict[str, Any] = {"initialised": False, "kernel": None, "reason": "not initialised"}
 
@@ -439,27 +472,46 @@ def _phi_one_(kernel: CpuKernel, x: torch.Tensor, p: float, grad_scale) -> None:
 
 
 @torch.no_grad()
-def phi_(tensors: Sequence[torch.Tensor], p: float, *, grad_scale: torch.Tensor | float | None = None) -> None:
-    """In place ``g <- s * phi_p(g / s)``: every dense float32 tensor in ONE kernel call (one OpenMP region)."""
+def phi_(
+    tensors: Sequence[torch.Tensor], p: float, *, grad_scale: torch.Tensor | float | None = None, coef=None
+) -> None:
+    """In place ``g <- coef * s * phi_p(g / s)``: every dense float32 tensor in ONE kernel call (one OpenMP
+    region; the coefficient multiplies each chunk while it is in cache)."""
     kernel = fast_kernel()
+    factor = 1.0 if coef is None else float(coef)
     dense = [t for t in tensors if t.numel() and dense_cpu_f32(t)]
     if grad_scale is not None and dense:
         torch._foreach_div_(dense, grad_scale)
     if len({t.data_ptr() for t in dense}) == len(dense):  # a tensor twice would race with itself
-        kernel.sign_power_many(dense, p, torch.get_num_threads())
+        kernel.sign_power_many(dense, p, torch.get_num_threads(), coef=factor)
     else:
         for t in dense:
-            kernel.sign_power_many([t], p, 1)
+            kernel.sign_power_many([t], p, 1, coef=factor)
     if grad_scale is not None and dense:
         torch._foreach_mul_(dense, grad_scale)
     for t in tensors:
         if t.numel() and not dense_cpu_f32(t):
             _phi_one_(kernel, t, p, grad_scale)
+            if coef is not None:
+                t.mul_(coef)
 
 
+@torch.no_grad()
 def phi_sum_sq(tensors, p: float, *, grad_scale=None) -> torch.Tensor:
-    """Per-tensor sums of squares of phi(g): the eager backend's until ``C_HAS_SUM_SQ``."""
-    return eager.phi_sum_sq(tensors, p, grad_scale=grad_scale)
+    """Per-tensor sums of squares of what :func:`phi_` would write, read only: the dense float32 tensors in ONE
+    kernel call (squares and sums in float64, see ``CpuKernel.phi_sumsq_many``), float32 results. p = 1 and
+    other layouts: the eager backend (the AVX-512 phi at p = 1 is within an ulp of g, not g itself)."""
+    dense = [t for t in tensors if dense_cpu_f32(t)] if float(p) != 1.0 else []
+    if not dense:
+        return eager.phi_sum_sq(tensors, p, grad_scale=grad_scale)
+    sums = fast_kernel().phi_sumsq_many(dense, p, torch.get_num_threads())
+    if grad_scale is not None:  # the kernel read s g: sum of (s phi(g))^2 = s^(2 - 2p) sum of phi(s g)^2
+        sums = sums * torch.as_tensor(grad_scale, dtype=torch.float64).pow(2.0 - 2.0 * float(p))
+    by_id = dict(zip(map(id, dense), sums, strict=True))
+    rest = [t for t in tensors if id(t) not in by_id]
+    if rest:
+        by_id.update(zip(map(id, rest), eager.phi_sum_sq(rest, p, grad_scale=grad_scale).double(), strict=True))
+    return torch.stack([by_id[id(t)] for t in tensors]).float()
 
 
 def adamw_hyper(group: dict, steps: Sequence[torch.Tensor]) -> ctypes.Array:
@@ -486,21 +538,17 @@ def adamw_takes(params, grads, exp_avgs, exp_avg_sqs) -> bool:
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, group: dict, p: float, *, coef=None) -> None:
     """One AdamW step on phi_p(g) for all tensors in ONE kernel call; ``steps`` advance only after it returned.
     ``.grad`` keeps g."""
-    if coef is not None and not C_HAS_COEF:
-        eager.adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, group, p, coef=coef)
-        return
     hyper = adamw_hyper(group, steps)
-    fast_kernel().adamw_power_many(params, grads, exp_avgs, exp_avg_sqs, p, hyper, torch.get_num_threads())
+    factor = 1.0 if coef is None else float(coef)
+    fast_kernel().adamw_power_many(params, grads, exp_avgs, exp_avg_sqs, p, hyper, torch.get_num_threads(), factor)
     torch._foreach_add_(steps, 1)
 
 
 @torch.no_grad()
 def muon_momentum_(grad, buf, momentum: float, p: float, nesterov: bool, *, coef=None) -> torch.Tensor:
     """Muon's momentum on phi_p(grad) (phi by the kernel into a copy, the lerp by torch); returns the update."""
-    if coef is not None and not C_HAS_COEF:
-        return eager.muon_momentum_(grad, buf, momentum, p, nesterov, coef=coef)
     h = grad.clone()
-    phi_([h], p)
+    phi_([h], p, coef=coef)
     return eager.momentum_from_(h, buf, momentum, nesterov)
 
 

@@ -126,15 +126,16 @@ def _grouped(tensors: Sequence[torch.Tensor], p: float) -> dict:
 
 
 def phi_(
-    tensors: Sequence[torch.Tensor], p: float, *, grad_scale: torch.Tensor | float | None = None
+    tensors: Sequence[torch.Tensor], p: float, *, grad_scale: torch.Tensor | float | None = None, coef=None
 ) -> None:
-    """In place ``g <- s * phi_p(g / s)`` (``s = grad_scale``, or 1) for every tensor, each backend's share in
-    one call. Plain tensors (a DTensor's local shard, not the DTensor) unless the eager backend serves them."""
+    """In place ``g <- coef * s * phi_p(g / s)`` (``s = grad_scale``, ``coef`` a 0-d float32 tensor, each 1 if
+    None) for every tensor, each backend's share in one call. Plain tensors (a DTensor's local shard, not the
+    DTensor) unless the eager backend serves them."""
     p = float(p)
     if p == 1.0:
         return
     for (backend, _, dtype), ts in _grouped(tensors, p).items():
-        _run(backend, ts[0], (dtype,), "phi_", ts, p, grad_scale=grad_scale)
+        _run(backend, ts[0], (dtype,), "phi_", ts, p, grad_scale=grad_scale, coef=coef)
 
 
 def phi_sum_sq(

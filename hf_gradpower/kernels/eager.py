@@ -56,9 +56,11 @@ def sign_power_(x: torch.Tensor, p: float) -> None:
 
 @torch.no_grad()
 def phi_(
-    tensors: Sequence[torch.Tensor], p: float, *, grad_scale: torch.Tensor | float | None = None
+    tensors: Sequence[torch.Tensor], p: float, *, grad_scale: torch.Tensor | float | None = None, coef=None
 ) -> None:
-    """In place ``g <- s * phi_p(g / s)`` for each tensor (``s = grad_scale``, or 1)."""
+    """In place ``g <- coef * s * phi_p(g / s)`` for each tensor (``s = grad_scale``, or 1; ``coef``: a clip
+    coefficient, a 0-d tensor, or None), phi rounded to the storage dtype before the product as clipping a
+    stored phi would."""
     for t in tensors:
         if grad_scale is None:
             sign_power_(t, p)
@@ -66,6 +68,8 @@ def phi_(
             t.div_(grad_scale)
             sign_power_(t, p)
             t.mul_(grad_scale)
+        if coef is not None:
+            t.mul_(coef)
 
 
 @torch.no_grad()
@@ -109,8 +113,8 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, group: dict, p: float, *
 
     ``.grad`` is left holding ``coef * phi_p(g)`` (the transform runs in place before torch's update)."""
     if p != 1.0:
-        phi_(grads, p)
-    if coef is not None:
+        phi_(grads, p, coef=coef)
+    elif coef is not None:
         torch._foreach_mul_(grads, coef)
     torch_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, group)
 

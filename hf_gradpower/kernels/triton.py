@@ -189,9 +189,12 @@ def _scale_arg(scale, device: torch.device, fallback: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def phi_(tensors: Sequence[torch.Tensor], p: float, *, grad_scale: torch.Tensor | float | None = None) -> None:
-    """In place ``g <- s * phi_p(g / s)`` (``s = grad_scale``, or 1): one launch per (device, dtype, alignment);
-    each element is read once and written once."""
+def phi_(
+    tensors: Sequence[torch.Tensor], p: float, *, grad_scale: torch.Tensor | float | None = None, coef=None
+) -> None:
+    """In place ``g <- coef * s * phi_p(g / s)`` (``s = grad_scale``, or 1): one launch per (device, dtype,
+    alignment); each element is read once and written once; a clip coefficient ``coef`` (0-d tensor) is a second
+    pass (``_foreach_mul_``) for now: the phi kernel does not take it."""
     contiguous = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     powers, k = _power_args(p), _jit()
     kinds = _by_kind(range(len(tensors)), lambda i: (tensors[i].device, tensors[i].dtype))
@@ -202,6 +205,8 @@ def phi_(tensors: Sequence[torch.Tensor], p: float, *, grad_scale: torch.Tensor 
                     addresses, *block_map, _scale_arg(grad_scale, device, addresses), *powers,
                     HAS_SCALE=grad_scale is not None, DTYPE=_tl_dtype(dtype), ALIGNED=aligned, BLOCK=BLOCK, **EXACT,
                 )  # fmt: skip
+    if coef is not None and contiguous:
+        torch._foreach_mul_(contiguous, coef)
     for t, c in zip(tensors, contiguous, strict=True):
         if c is not t:
             t.copy_(c)
