@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 LR = 1e-3
-MACHINE = (
-    "AMD EPYC, AVX2 only, 2 cores, KVM guest"  # where the stored runs were trained (named in the figures)
-)
+# where the stored runs were trained (named in the figures; a run's file does not record its machine)
+MACHINE = "2-core x86 CPUs (the which-p runs: AMD EPYC, AVX2 only, KVM guest)"
 P_MAIN = 1.2
 # Which p: the grid swept per GradPower optimizer; p = 1 is the baseline optimizer itself (AdamPower p = 1 is
 # bit-identical to AdamW), so it is swept as AdamW / Muon

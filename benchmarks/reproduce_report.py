@@ -69,7 +69,7 @@ def write_report(plan: Plan, results: dict[str, dict], out: Path, evidence: Path
         f"- Long regime (comparison 8, and 6 and 9-17 in part): {long_regime}; wsd, lr {LR:g}.",
         f"- Seeds: {plan.seeds} for the paired comparisons (baseline and GradPower share init and data order per "
         f"seed), {plan.seeds} more for the validation in 6; 1 seed (seed 0) for the batch study (7).",
-        f"- Machine: {MACHINE}; every run single-threaded, two at a time.",
+        f"- Machine: {MACHINE}.",
         "- Terminal eval loss = eval loss of the final model. Difference = GradPower - baseline "
         "(negative: GradPower better). Noise flag: |mean paired difference| > 2 x its standard error.",
         "- s/step: training seconds per step, without the evaluations run during training "

@@ -360,8 +360,9 @@ def evidence(summary: dict) -> list[Evidence]:
                 source="ours",
                 optimizer=s["optimizer"],
                 regime=s["regime"],
-                setting=f"our CPU runs, {s['regime']} regime ({r['steps']} steps of tiny LLaMA ({r['parameters'] / 1e6:.1f}M parameters) "
-                f"at batch {BASE_BATCH} x {SEQ_LEN}, embedded C4 sample, {r['epochs']:.2g} epochs)",
+                setting=f"our CPU runs, {s['regime']} regime: {r['steps']} steps of tiny LLaMA "
+                f"({r['parameters'] / 1e6:.1f}M parameters) at batch {BASE_BATCH} x {SEQ_LEN} tokens on the embedded C4 "
+                f"sample ({r['epochs']:.2g} epochs)",
                 tokens_per_param=round(r["tokens_per_param"], 4),
                 batch_tokens=r["batch_tokens"],
                 p=s["recommended_p"],

@@ -55,7 +55,7 @@ PAPER = tuple(
         "paper",
         optim,
         "paper",
-        "the paper's C4 runs (LLaMA 66M-2B, batch 512 x 256 tokens, GPUs)",
+        "the paper's C4 runs: LLaMA 66M-2B at batch 512 x 256 tokens on GPUs",
         20.0,
         512 * 256,
         1.2,
@@ -117,13 +117,15 @@ class Recommendation:
                 "Muon only"
             )
         e = self.evidence
-        where = f"nearest measured regime: {e.setting} ({e.tokens_per_param:.2g} tokens per parameter)"
         plain = " (the baseline optimizer, no GradPower)" if self.p == 1.0 else ""
-        out = f"recommended p = {self.p:g}{plain} for {run}; {where}: {e.basis}"
+        out = (
+            f"recommended p = {self.p:g}{plain} for this run ({run}). Nearest evidence "
+            f"({e.tokens_per_param:.2g} tokens per parameter): {e.setting}; {e.basis}."
+        )
         if not self.covered:
             out += (
-                f". This run lies outside everything measured (more than {NEAR:g}x from every measured regime in "
-                "tokens per parameter or batch): treat p as a starting point and compare with the baseline"
+                f" This run lies outside everything measured (more than {NEAR:g}x from every measured regime in "
+                "tokens per parameter or batch): treat p as a starting point and compare with the baseline."
             )
         return out
 
