@@ -235,6 +235,14 @@ def test_shipped_evidence_is_the_committed_reports():
     assert all(e.validated or e.p in (1.0, 1.2) for e in shipped)  # an unvalidated sweep never decides
 
 
+def test_choosing_p_page_shows_the_shipped_evidence():
+    """docs/choosing_p.md's evidence table quotes every entry the probe ships, so the page and the probe agree."""
+    page = (REPO / "docs/choosing_p.md").read_text()
+    for e in load_evidence():
+        if e.source == "ours":
+            assert f"| {e.p:g} | {e.basis} |" in page, e
+
+
 def test_report_from_an_incomplete_cache(tmp_path):
     """--report_only writes every section from what is cached and lists the rest as not yet run."""
     runs = tmp_path / "runs"
