@@ -27,10 +27,10 @@ LONG_STEPS = 2000  # the long regime: where AdamPower p = 1.2 overtakes AdamW (f
 SMOKE_STEPS = 8
 SMOKE_LONG_STEPS = 12  # differs from the smoke steps, so the smoke suite trains the long regime's own runs
 EVALS = 10  # evaluations along each full-mode run (smoke: only the final one)
-P_RAMP = "linear:0.9:1.2"  # comparisons 9/12: p from the short-regime sweep's best up to the paper's default
+P_RAMP = "linear:0.9:1.2"  # comparisons 9/12: p from below 1 up to the paper's default over the whole run
 # comparisons 14-17: ramps over a fixed 400 steps, then p = 1.2: in the long runs p = 1.2 loses to AdamW until
 # ~300 steps and leads from 400 on (eval every 200 steps, all 3 seeds), so the ramps end where 1.2 starts to pay;
-# from 0.9 (the short-regime sweep's best) and from 1.0 (AdamW)
+# from 0.9 and from 1.0 (AdamW)
 P_RAMPS_FIXED = ("linear:0.9:1.2:400", "linear:1.0:1.2:400")
 AUTO = {"p": None, "p_spec": "auto", "micro_batch": 4}  # 2 micro-batches of 4: the noise is measurable
 SPIKE_WINDOW = 20

@@ -82,7 +82,7 @@ def test_train_seconds_per_step_leaves_out_evaluations_during_training():
 
 
 def test_train_seconds_per_step_on_a_committed_run():
-    """Runs cached before the change stored the full log history, so they work as they are."""
+    """A stored run holds its full log history, so the step time comes from the file alone."""
     run = json.loads(
         (REPO / "docs/reproduction/runs/llama-tiny_adamw_wsd_b8_s230_log4_seed0.json").read_text()
     )
