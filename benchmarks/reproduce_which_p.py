@@ -77,6 +77,11 @@ def _outcome(s: dict) -> str:
     return "**does not hold**: within seed noise"
 
 
+def _cells(s: dict | None) -> str:
+    """Table cells: paired difference | 2 x SE | exceeds noise (empty without a comparison)."""
+    return "| |" if s is None else f"{s['diff']:+.4f} | {_two_se(s)} | {_flag(s)}"
+
+
 def _diff(s: dict) -> str:
     return f"{s['diff']:+.4f} (2 x SE {_two_se(s)})"
 
@@ -304,13 +309,7 @@ def which_p_section(plan: Plan, results: dict[str, dict], out: Path) -> tuple[li
                 continue
             std = row["se"] * math.sqrt(row["n"])
             vs = row.get("vs_baseline")
-            cells = (
-                "reference | |"
-                if float(p) == 1.0
-                else "- | |"
-                if vs is None
-                else f"{vs['diff']:+.4f} | {_two_se(vs)} | {_flag(vs)}"
-            )
+            cells = "reference | |" if float(p) == 1.0 else _cells(vs)
             lines.append(
                 f"| {NAMES[s['optimizer']]} | {s['regime']} | {label} | {_fmt(row['mean'], std)} | {cells} |"
             )
@@ -324,21 +323,24 @@ def which_p_section(plan: Plan, results: dict[str, dict], out: Path) -> tuple[li
         "",
         "### Validation on fresh seeds",
         "",
-        "| optimizer | regime | p | eval loss (mean) | vs baseline (paired) | 2 x SE | exceeds noise |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| optimizer | regime | p | eval loss (mean) | vs baseline (paired) | 2 x SE | exceeds noise "
+        f"| vs p = {P_MAIN:g} (paired) | 2 x SE | exceeds noise |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for s in studies.values():
         v = s["validation"]
         name, regime = NAMES[s["optimizer"]], s["regime"]
         if "vs_baseline" not in v:
             what = "the sweep's choice: after the sweep" if s["selected_p"] is None else ""
-            lines.append(f"| {name} | {regime} | | {_not_yet(v['done'], v['n'])} | {what} | | |")
+            lines.append(f"| {name} | {regime} | | {_not_yet(v['done'], v['n'])} | {what} | | | | | |")
             continue
         for p, mean in v["mean"].items():
-            d = v["vs_baseline"].get(p)
-            tag = " (selected)" if f"{s['selected_p']:g}" == p else ""
-            cells = "reference | |" if d is None else f"{d['diff']:+.4f} | {_two_se(d)} | {_flag(d)}"
-            lines.append(f"| {name} | {regime} | {p}{tag} | {mean:.4f} | {cells} |")
+            selected = f"{s['selected_p']:g}" == p
+            vs_base = "reference | |" if float(p) == 1.0 else _cells(v["vs_baseline"][p])
+            vs_fixed = _cells(v.get("selected_vs_p1.2") if selected else None)
+            label = f"{p} ({NAMES[s['baseline']]})" if float(p) == 1.0 else p
+            tag = " (selected)" if selected else ""
+            lines.append(f"| {name} | {regime} | {label}{tag} | {mean:.4f} | {vs_base} | {vs_fixed} |")
     lines += ["", "Verdict (computed from the tables):", "", *(verdict(s) for s in studies.values()), ""]
     summary = {
         "rule": __doc__.split("\n\n", 1)[1].replace("\n", " ").strip(),
