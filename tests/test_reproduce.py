@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from benchmarks.reproduce_plan import (
     long_comparison,
     p_grid,
     p_run,
+    p_runs,
     short_specs,
     suite_plan,
     sweep_seeds,
@@ -263,6 +265,70 @@ def test_report_from_an_incomplete_cache(tmp_path):
         2000 * 8 * 128 / summary["regimes"]["long"]["train_split_tokens"]
     )
     assert not (tmp_path / "plan.json").exists()  # nothing planned, nothing trained
+
+
+def _fake_cache(plan, runs: Path, loss_of) -> None:
+    """Stored results for the suite's runs (those ``loss_of(spec)`` gives a loss for), shaped like real ones;
+    filled to a fixed point, since the sweep's choice decides which validation runs the suite has."""
+    runs.mkdir(parents=True, exist_ok=True)
+    while True:
+        new = [
+            r
+            for r in all_specs(plan, reproduce.cached(plan, runs))
+            if not (runs / f"{r.key}.json").exists() and loss_of(r) is not None
+        ]
+        if not new:
+            return
+        for r in new:
+            loss = loss_of(r)
+            history = [
+                {"loss": loss + 1, "step": 1},
+                {"eval_loss": loss, "eval_runtime": 0.1, "step": r.steps},
+                {"train_runtime": 1.0, "step": r.steps},
+            ]
+            result = {"spec": asdict(r), "key": r.key, "final_eval_loss": loss, "log_history": history}
+            (runs / f"{r.key}.json").write_text(json.dumps(result))
+
+
+def test_report_of_a_complete_smoke_cache(tmp_path):
+    """Every section, the choice validated in every optimizer and regime, no run missing; with 1 fresh seed
+    nothing is beyond noise, so the baseline is what the evidence supports."""
+    plan = suite_plan(smoke=True, seeds=1)
+    _fake_cache(plan, tmp_path / "runs", lambda r: 5.0 + abs((r.p or 1.0) - 0.9) + r.seed / 10)
+    text = main(["--smoke", "--out", str(tmp_path), "--report_only"]).read_text()
+    assert "not yet run" not in text and text.count("Use **p = 1** (plain ") == 4
+    assert text.count("the sweep selects p = 0.9") == 4
+    assert "| AdamPower | long | 0.9 (selected) |" in text
+    summary = json.loads((tmp_path / "summary.json").read_text())["which_p"]["studies"]
+    assert all(s["validated"] and s["recommended_p"] == 1.0 for s in summary.values())
+    assert (tmp_path / "p_sweep.png").stat().st_size > 1000
+
+
+def test_the_suite_validates_the_choice_once_its_sweep_is_trained(tmp_path):
+    """One sweep run is missing: the suite trains it, then (second pass) the validation of the p it makes the
+    best, then writes the report. Real training of 3 smoke runs; every other run is a stored result."""
+    plan = suite_plan(smoke=True, seeds=1)
+    missing = p_run(plan, "adampower", 0.9, False, 0)
+    validation = p_run(plan, "adampower", 0.9, False, 1)
+
+    sweep_seed0 = {
+        r.key
+        for runs in p_runs(plan, "adampower", False, p_grid(plan, "adampower"), [0]).values()
+        for r in runs
+    }
+
+    def loss_of(r):  # the rest of that sweep far worse than any trained run: p = 0.9 becomes the choice
+        if r in (missing, validation):
+            return None
+        return 99.0 if r.key in sweep_seed0 else 5.0 + abs((r.p or 1.0) - 1.2)
+
+    _fake_cache(plan, tmp_path / "runs", loss_of)
+    assert not (tmp_path / "runs" / f"{validation.key}.json").exists()
+    text = main(["--smoke", "--out", str(tmp_path)]).read_text()
+    for r in (missing, validation):
+        assert "summary" in json.loads((tmp_path / "runs" / f"{r.key}.json").read_text())  # really trained
+    assert "**AdamPower, short regime (8 steps)**: the sweep selects p = 0.9" in text
+    assert "not yet run" not in text
 
 
 def test_smoke_suite_and_resume(tmp_path):
