@@ -7,8 +7,8 @@ data, optimizer, global batch), measures the gradient noise scale ``B_simple`` (
 and prints it with the p Example 4.1 reads from it (``hf_gradpower.p_theory.auto_power``). The
 recommended p does not come from that early noise (p = 1.2 loses early and wins later in the same run):
 it comes from the measured evidence nearest to the run's regime (:func:`recommend`: optimizer, planned
-tokens per parameter, batch in tokens), our validated CPU runs (``resources/evidence/p_evidence.json``, written
-by ``python -m benchmarks.reproduce``) and the paper's, and says when the run lies outside all of them.
+tokens per parameter, batch in tokens), our CPU runs (``resources/evidence/p_evidence.json``, written by
+``python -m benchmarks.reproduce``) and the paper's, and says when the run lies outside all of them.
 The same goes to a JSON file.
 
 Measuring needs at least two micro-batches per step: a single-process run without gradient accumulation
@@ -156,8 +156,12 @@ def recommendation_for(train_argv: list[str]) -> Recommendation:
     from hf_gradpower import pretrain
 
     _, _, args, facts = pretrain.parse_args(list(train_argv))
-    tokens = args.max_steps * facts["global_batch"] * facts["seq_len"]
-    return recommend(str(args.optim), tokens / facts["parameters"], facts["global_batch"] * facts["seq_len"])
+    return _for_run(args, facts)
+
+
+def _for_run(args, facts: dict) -> Recommendation:
+    batch_tokens = facts["global_batch"] * facts["seq_len"]
+    return recommend(str(args.optim), args.max_steps * batch_tokens / facts["parameters"], batch_tokens)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -185,8 +189,8 @@ def probe(train_argv: list[str], steps: int) -> dict:
     from hf_gradpower import pretrain
 
     train_argv = list(train_argv)
-    advice = recommendation_for(train_argv)  # checks the config before any training
-    _, _, args, facts = pretrain.parse_args(list(train_argv))
+    _, _, args, facts = pretrain.parse_args(list(train_argv))  # checks the config before any training
+    advice = _for_run(args, facts)
     split = []
     if args.gradient_accumulation_steps * args.world_size == 1:
         batch = args.per_device_train_batch_size
