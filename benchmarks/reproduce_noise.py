@@ -131,7 +131,7 @@ def noise_section(
             )
             + f"; auto vs p = 1.2 {auto['vs_p1.2']['diff']:+.4f} (2 x SE {_two_se(auto['vs_p1.2'])})."
         )
-    verdicts += _goal(summary)
+    verdicts += _criterion(summary)
     if missing:
         verdicts.append(
             "- The suite trains these on its next call, resuming from the cached runs: "
@@ -156,7 +156,7 @@ def _worse(s: dict) -> bool:
     return s["diff"] > 0 and s["exceeds_noise"]
 
 
-def _goal(summary: dict) -> list[str]:
+def _criterion(summary: dict) -> list[str]:
     """The test each AdamPower schedule is held to: never worse than AdamW beyond seed noise in either regime,
     and not worse than fixed p = 1.2 beyond seed noise in the long regime."""
     names = sorted(
