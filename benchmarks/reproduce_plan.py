@@ -17,6 +17,7 @@ P_MAIN = 1.2
 P_GRID = {"adampower": (0.8, 0.9, 1.1, 1.2, 1.3, 1.5), "muonpower": (0.8, 0.9, 1.1, 1.2, 1.3)}
 SMOKE_P_GRID = (0.9, 1.2)  # smoke: the same selection and validation code on a 3-point grid
 BASELINE = {"adampower": "adamw", "muonpower": "muon"}
+OPTIM_NAMES = {"adamw": "AdamW", "adampower": "AdamPower", "muon": "Muon", "muonpower": "MuonPower"}
 REGIMES = (("short", False), ("long", True))
 P_BATCH = (0.8, 1.0, 1.2, 1.5)
 BATCHES = (4, 8, 32)
@@ -71,9 +72,7 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        name = {"adamw": "AdamW", "adampower": "AdamPower", "muon": "Muon", "muonpower": "MuonPower"}[
-            self.optim
-        ]
+        name = OPTIM_NAMES[self.optim]
         if self.p is not None:
             name += f" p={self.p:g}"
         if self.p_spec is not None:

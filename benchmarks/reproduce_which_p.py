@@ -25,6 +25,7 @@ from benchmarks.reproduce_plan import (
     BASE_BATCH,
     BASELINE,
     MACHINE,
+    OPTIM_NAMES,
     P_GRID,
     P_MAIN,
     REGIMES,
@@ -45,7 +46,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 FIGURE = "p_sweep.png"
-NAMES = {"adampower": "AdamPower", "muonpower": "MuonPower", "adamw": "AdamW", "muon": "Muon"}
 
 
 def _losses(runs, results) -> list[float]:
@@ -88,7 +88,7 @@ def _diff(s: dict) -> str:
 
 def study(plan: Plan, optim: str, long: bool, results: dict[str, dict]) -> dict:
     """Sweep, choice, validation and recommendation of one optimizer in one regime (JSON-ready)."""
-    base_name = NAMES[BASELINE[optim]]
+    base_name = OPTIM_NAMES[BASELINE[optim]]
     sweep = p_runs(plan, optim, long, p_grid(plan, optim), sweep_seeds(plan))
     grid = {}
     for p, runs in sweep.items():
@@ -165,7 +165,7 @@ def _recommend(s: dict, base_name: str) -> dict:
 
 def verdict(s: dict) -> str:
     """One paragraph per optimizer and regime, in words that follow the numbers."""
-    name, base = NAMES[s["optimizer"]], NAMES[s["baseline"]]
+    name, base = OPTIM_NAMES[s["optimizer"]], OPTIM_NAMES[s["baseline"]]
     head = f"- **{name}, {s['regime']} regime ({s['steps']} steps)**: "
     k, n = s["sweep_done"]
     if s["selected_p"] is None:
@@ -201,7 +201,7 @@ def verdict(s: dict) -> str:
 def _fallback(s: dict) -> str:
     if s["recommended_p"] is None:
         return " No evidence for this regime yet."
-    plain = f" (plain {NAMES[s['baseline']]})" if s["recommended_p"] == 1.0 else ""
+    plain = f" (plain {OPTIM_NAMES[s['baseline']]})" if s["recommended_p"] == 1.0 else ""
     return f" Until then the evidence supports p = {s['recommended_p']:g}{plain}: {s['basis']}."
 
 
@@ -226,9 +226,9 @@ def _plot(plan: Plan, studies: dict[str, dict], path: Path) -> None:
                 ax.axvline(s["selected_p"], color="gray", ls=":", label=f"selected p = {s['selected_p']:g}")
             k, n = s["sweep_done"]
             ax.set(
-                title=f"{NAMES[optim]}, {regime} ({s['steps']} steps)"
+                title=f"{OPTIM_NAMES[optim]}, {regime} ({s['steps']} steps)"
                 + ("" if k == n else f": {k} of {n} runs"),
-                xlabel=f"p (1 = {NAMES[s['baseline']]})",
+                xlabel=f"p (1 = {OPTIM_NAMES[s['baseline']]})",
                 ylabel="final eval loss",
             )
             if ax.get_legend_handles_labels()[0]:
@@ -299,11 +299,11 @@ def which_p_section(plan: Plan, results: dict[str, dict], out: Path) -> tuple[li
     ]
     for s in studies.values():
         for p, row in s["grid"].items():
-            label = f"{p}" + (f" ({NAMES[s['baseline']]})" if float(p) == 1.0 else "")
+            label = f"{p}" + (f" ({OPTIM_NAMES[s['baseline']]})" if float(p) == 1.0 else "")
             label += " **selected**" if s["selected_p"] is not None and f"{s['selected_p']:g}" == p else ""
             if "mean" not in row:
                 lines.append(
-                    f"| {NAMES[s['optimizer']]} | {s['regime']} | {label} | {_not_yet(row['done'], row['n'])} "
+                    f"| {OPTIM_NAMES[s['optimizer']]} | {s['regime']} | {label} | {_not_yet(row['done'], row['n'])} "
                     "| | | |"
                 )
                 continue
@@ -311,7 +311,7 @@ def which_p_section(plan: Plan, results: dict[str, dict], out: Path) -> tuple[li
             vs = row.get("vs_baseline")
             cells = "reference | |" if float(p) == 1.0 else _cells(vs)
             lines.append(
-                f"| {NAMES[s['optimizer']]} | {s['regime']} | {label} | {_fmt(row['mean'], std)} | {cells} |"
+                f"| {OPTIM_NAMES[s['optimizer']]} | {s['regime']} | {label} | {_fmt(row['mean'], std)} | {cells} |"
             )
     lines += [
         "",
@@ -329,7 +329,7 @@ def which_p_section(plan: Plan, results: dict[str, dict], out: Path) -> tuple[li
     ]
     for s in studies.values():
         v = s["validation"]
-        name, regime = NAMES[s["optimizer"]], s["regime"]
+        name, regime = OPTIM_NAMES[s["optimizer"]], s["regime"]
         if "vs_baseline" not in v:
             what = "the sweep's choice: after the sweep" if s["selected_p"] is None else ""
             lines.append(f"| {name} | {regime} | | {_not_yet(v['done'], v['n'])} | {what} | | | | | |")
@@ -338,7 +338,7 @@ def which_p_section(plan: Plan, results: dict[str, dict], out: Path) -> tuple[li
             selected = f"{s['selected_p']:g}" == p
             vs_base = "reference | |" if float(p) == 1.0 else _cells(v["vs_baseline"][p])
             vs_fixed = _cells(v.get("selected_vs_p1.2") if selected else None)
-            label = f"{p} ({NAMES[s['baseline']]})" if float(p) == 1.0 else p
+            label = f"{p} ({OPTIM_NAMES[s['baseline']]})" if float(p) == 1.0 else p
             tag = " (selected)" if selected else ""
             lines.append(f"| {name} | {regime} | {label}{tag} | {mean:.4f} | {vs_base} | {vs_fixed} |")
     lines += ["", "Verdict (computed from the tables):", "", *(verdict(s) for s in studies.values()), ""]
