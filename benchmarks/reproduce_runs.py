@@ -1,8 +1,9 @@
-"""Training one run of the reproduction suite (cached in ``<out>/runs/<key>.json``) and sizing the plan."""
+"""Training one run of the reproduction suite (cached in ``<out>/runs/<key>.json``) and timing this machine."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -13,18 +14,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.reproduce_plan import (
-    EVALS,
-    LONG_STEPS,
-    LR,
-    SEQ_LEN,
-    SMOKE_LONG_STEPS,
-    Plan,
-    RunSpec,
-    estimate_seconds,
-    long_specs,
-    short_specs,
-)
+from benchmarks.reproduce_plan import EVALS, LR, SEQ_LEN, Plan, RunSpec, Speed
 
 
 def _argv(spec: RunSpec, plan: Plan, output_dir: Path) -> list[str]:
@@ -104,46 +94,29 @@ def train_seconds_per_step(history: list[dict], steps: int) -> float:
     raise ValueError("the log history has no train_runtime row")
 
 
-def calibrate(plan_smoke: bool, runs_dir: Path) -> tuple[float, float]:
-    """(training seconds per step, fixed seconds per run) from a short tiny-LLaMA AdamW run at batch 8."""
-    steps = 4 if plan_smoke else 20
-    probe = Plan(smoke=True, seeds=1, steps=steps, step_time=0, overhead=0, eval_docs=10, max_eval_blocks=8)
+def calibrate(smoke: bool, runs_dir: Path) -> Speed:
+    """This machine's speed, from a short tiny-LLaMA AdamW run at batch 8 (for the time estimate only)."""
+    steps = 4 if smoke else 20
+    probe = Plan(smoke=True, seeds=1, steps=steps, eval_docs=10, max_eval_blocks=8)
     result, _ = execute(RunSpec(steps=steps, logging_steps=steps, seed=99), probe, runs_dir / "calibration")
     step_time = train_seconds_per_step(result["log_history"], steps)
-    return step_time, max(0.5, result["wall_s"] - result["train_runtime"])
+    return Speed(step_time, max(0.5, result["wall_s"] - result["train_runtime"]))
 
 
-def load_plan(path: Path) -> Plan:
-    """A stored plan. One written before comparison 8 existed gets the default ``long_steps`` and keeps its
-    ``steps``, so its runs (keyed by steps) are all reused and only the long regime is new."""
-    raw = json.loads(path.read_text())
-    raw.setdefault("long_steps", SMOKE_LONG_STEPS if raw["smoke"] else LONG_STEPS)
-    return Plan(**raw)
-
-
-def make_plan(args) -> Plan:
-    path = args.out / "plan.json"
-    plan = load_plan(path) if path.exists() else None
-    if plan is None or plan.smoke != args.smoke or plan.seeds != args.seeds:
-        plan = new_plan(args)
-    args.out.mkdir(parents=True, exist_ok=True)
+def write_plan(plan: Plan, speed: Speed, out: Path) -> None:
+    """``<out>/plan.json``: the plan (its definition) and the speed its estimate used, as a record."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "plan.json"
     part = path.with_suffix(f".json.{os.getpid()}")
-    part.write_text(json.dumps(asdict(plan), indent=1))  # also records long_steps in an older plan
-    os.replace(part, path)  # atomic: parallel --only processes read it while another writes
-    return plan
+    part.write_text(json.dumps(asdict(plan) | asdict(speed), indent=1))
+    os.replace(part, path)  # atomic: parallel --only processes may write it at the same time
 
 
-def new_plan(args) -> Plan:
-    """Calibrate, then size the steps of comparisons 1-7 to what the budget leaves after the long regime."""
-    step_time, overhead = calibrate(args.smoke, args.out / "runs")
-    if args.smoke:
-        return Plan(
-            True, 1, 8, step_time, overhead, eval_docs=10, max_eval_blocks=8, long_steps=SMOKE_LONG_STEPS
-        )
-    plan = Plan(False, args.seeds, 100, step_time, overhead, eval_docs=50, max_eval_blocks=64)
-    short = list(dict.fromkeys(short_specs(plan)))
-    per_step = sum(r.cost() for r in short) / plan.steps * step_time  # training cost is linear in steps
-    fixed = estimate_seconds(short, plan) - per_step * plan.steps  # overhead + evaluations
-    budget = args.budget_min * 60 - estimate_seconds(long_specs(plan), plan) - fixed
-    plan.steps = max(50, min(2000, int(budget / per_step) // 10 * 10))
-    return plan
+@functools.cache
+def train_split_tokens(eval_docs: int, seed: int) -> int:
+    """Tokens in the training split a run of the suite passes over (embedded C4 sample, ``eval_docs``
+    documents held out by ``seed``, packed into blocks of ``SEQ_LEN``): the denominator of its epochs."""
+    from hf_gradpower.data import build_datasets, count_tokens
+
+    train, _ = build_datasets("embedded", "embedded", SEQ_LEN, eval_docs=eval_docs, seed=seed)
+    return count_tokens(train)
