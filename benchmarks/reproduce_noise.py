@@ -18,6 +18,7 @@ from benchmarks.reproduce_pairs import (
     _mean_curve,
     _plot_eval_curves,
     _two_se,
+    final_eval_losses,
     summarize_pair,
 )
 from benchmarks.reproduce_plan import (
@@ -37,10 +38,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 FIGURE = "noise_and_auto_p.png"
 
 
-def _eval_losses(specs, results) -> list[float]:
-    return [results[s.key]["final_eval_loss"] for s in specs]
-
-
 def _variants(plan: Plan, long: bool, results: dict[str, dict]) -> dict[str, list]:
     """Per variant, its runs (one per seed, same seeds in every variant) for one regime; only variants whose
     runs have all finished."""
@@ -55,9 +52,9 @@ def _variants(plan: Plan, long: bool, results: dict[str, dict]) -> dict[str, lis
 
 def _row(regime: str, name: str, runs, base_runs, fixed_runs, results) -> tuple[str, dict, dict | None]:
     """Table row of a variant: its eval loss, and paired differences vs its baseline and (Adam family) p = 1.2."""
-    losses = _eval_losses(runs, results)
-    vs_base = summarize_pair(_eval_losses(base_runs, results), losses)
-    vs_fixed = None if name.startswith("Muon") else summarize_pair(_eval_losses(fixed_runs, results), losses)
+    losses = final_eval_losses(runs, results)
+    vs_base = summarize_pair(final_eval_losses(base_runs, results), losses)
+    vs_fixed = None if name.startswith("Muon") else summarize_pair(final_eval_losses(fixed_runs, results), losses)
 
     def cells(s: dict | None, reference: bool) -> str:
         return (

@@ -182,3 +182,8 @@ def _direction(diff: float) -> str:
 def _slug(name: str) -> str:
     slug = "".join(c if c.isalnum() else "_" for c in name.lower())
     return "_".join(part for part in slug.split("_") if part)[:60]
+
+
+def final_eval_losses(specs, results) -> list[float]:
+    """Each run's final evaluation loss, in the order of ``specs``."""
+    return [results[s.key]["final_eval_loss"] for s in specs]

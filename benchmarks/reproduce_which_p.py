@@ -20,7 +20,7 @@ from pathlib import Path
 
 import matplotlib
 
-from benchmarks.reproduce_pairs import _flag, _fmt, _two_se, summarize_pair
+from benchmarks.reproduce_pairs import _flag, _fmt, _two_se, final_eval_losses, summarize_pair
 from benchmarks.reproduce_plan import (
     BASE_BATCH,
     BASELINE,
@@ -46,10 +46,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 FIGURE = "p_sweep.png"
-
-
-def _losses(runs, results) -> list[float]:
-    return [results[r.key]["final_eval_loss"] for r in runs]
 
 
 def _done(runs_by_p: dict, results) -> tuple[int, int]:
@@ -95,27 +91,27 @@ def study(plan: Plan, optim: str, long: bool, results: dict[str, dict]) -> dict:
         k = sum(r.key in results for r in runs)
         row = {"done": k, "n": len(runs)}
         if k == len(runs):
-            losses = _losses(runs, results)
+            losses = final_eval_losses(runs, results)
             row |= {
                 "mean": statistics.fmean(losses),
                 "se": statistics.stdev(losses) / math.sqrt(len(losses)) if len(losses) > 1 else float("nan"),
             }
             if all(r.key in results for r in sweep[1.0]):
-                row["vs_baseline"] = summarize_pair(_losses(sweep[1.0], results), losses)
+                row["vs_baseline"] = summarize_pair(final_eval_losses(sweep[1.0], results), losses)
         grid[f"{p:g}"] = row
     selected = select_p(plan, optim, long, results)
     fresh = p_runs(plan, optim, long, validation_ps(selected), fresh_seeds(plan))
     k, n = _done(fresh, results)
     validation = {"seeds": list(fresh_seeds(plan)), "done": k, "n": n}
     if selected is not None and k == n:
-        base = _losses(fresh[1.0], results)
-        validation["mean"] = {f"{p:g}": statistics.fmean(_losses(runs, results)) for p, runs in fresh.items()}
+        base = final_eval_losses(fresh[1.0], results)
+        validation["mean"] = {f"{p:g}": statistics.fmean(final_eval_losses(runs, results)) for p, runs in fresh.items()}
         validation["vs_baseline"] = {
-            f"{p:g}": summarize_pair(base, _losses(runs, results)) for p, runs in fresh.items() if p != 1.0
+            f"{p:g}": summarize_pair(base, final_eval_losses(runs, results)) for p, runs in fresh.items() if p != 1.0
         }
         if selected not in (1.0, P_MAIN):
             validation["selected_vs_p1.2"] = summarize_pair(
-                _losses(fresh[P_MAIN], results), _losses(fresh[selected], results)
+                final_eval_losses(fresh[P_MAIN], results), final_eval_losses(fresh[selected], results)
             )
     out = {
         "optimizer": optim,

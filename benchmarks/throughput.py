@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from benchmarks.optimizer_step import cpu_name
 from hf_gradpower.pretrain import run
 
 OPTIMIZERS = ("adamw", "adampower")  # baseline first: ratio = AdamPower / AdamW tokens/s
@@ -225,7 +226,7 @@ def main(argv=None) -> dict:
     device = (
         torch.cuda.get_device_name()
         if torch.cuda.is_available()
-        else f"cpu ({torch.get_num_threads()} threads)"
+        else f"{cpu_name()}, {torch.get_num_threads()} threads"
     )
     report = markdown(summary, args, device)
     print(report)

@@ -17,10 +17,11 @@ Why phi is computed twice (in the norm pass and in the step) rather than written
 costs a write of every gradient (4 bytes per element, plus the re-read by the step), recomputing costs
 arithmetic only. Per fp32 element, Trainer's own AdamW with clipping moves 40 bytes (norm 4, scaling 8,
 AdamW 28), apply_now + clipping + AdamW 48, this route 32 (norm 4, AdamPower's one-pass step 28) against 36
-if phi were written once. On accelerators bytes decide. On a CPU the one-pass step hides phi under AdamW's
-memory traffic (``benchmarks.optimizer_step`` on a 2-core Intel Xeon with AVX-512: 1.06x / 1.02x of fused
-AdamW at 1 / 2 threads, where phi as its own pass costs 1.44x / 1.47x), so the second phi is nearly free there
-too, while the norm pass costs phi's arithmetic once, reading only.
+if phi were written once. On accelerators bytes decide. On a CPU it depends on the core
+(``python -m benchmarks.clipped_step``, 34M-parameter LLaMA, AMD EPYC with AVX2 only, 2-core KVM guest):
+with 2 threads this route costs 1.19x Trainer's AdamW with clipping and writing phi first 1.44x; on one
+thread, where phi's arithmetic and not memory sets the pace, this route costs 1.70x and writing phi first
+1.46x.
 
 Faults, as ``clip_grad_norm_`` + ``GradScaler``: a non-finite norm gives a nan coefficient (torch's formula),
 so the step would write nan; GradScaler skips that step, since its inf check reads the gradients, which this

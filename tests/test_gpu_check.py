@@ -28,7 +28,7 @@ def test_first_contact_self_check_reports_a_failing_kernel(monkeypatch):
     if not cpu.fast_kernel_available():
         return
     real = cpu.CpuKernel.sign_power_many
-    monkeypatch.setattr(cpu.CpuKernel, "sign_power_many", lambda self, xs, p, n: real(self, xs, p * 1.0001, n))
+    monkeypatch.setattr(cpu.CpuKernel, "sign_power_many", lambda self, xs, p, n, **kw: real(self, xs, p * 1.0001, n, **kw))
     checks = gpu_check.self_checks(torch.device("cpu"))
     phi = next(c for c in checks if c.name == "self-check phi float32")
     assert not phi.passed and phi.backend == "c" and "ulp from float64" in phi.detail

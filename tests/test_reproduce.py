@@ -332,8 +332,22 @@ def test_the_suite_validates_the_choice_once_its_sweep_is_trained(tmp_path):
 
 
 def test_smoke_suite_and_resume(tmp_path):
+    """The smoke suite end to end: every run stored (shaped like real results) except three that really train
+    through the suite (p = auto in both regimes, which measure the noise, and MuonPower p = 1.2), then the
+    report; a second call trains nothing; --report_only on an incomplete cache lists what has not run."""
     out = tmp_path / "repro"
+    plan = suite_plan(smoke=True, seeds=1)
+
+    def trained(r) -> bool:
+        return r.p_spec == "auto" and r.optim == "adampower" or (
+            r.optim == "muonpower" and r.p == 1.2 and r.steps == plan.steps and r.seed == 0
+        )
+
+    _fake_cache(plan, out / "runs", lambda r: None if trained(r) else 5.0 + abs((r.p or 1.0) - 0.9) + r.seed / 10)
+    real = [r for r in all_specs(plan, reproduce.cached(plan, out / "runs")) if trained(r)]
+    assert len(real) == 3 and not any((out / "runs" / f"{r.key}.json").exists() for r in real)
     report = main(["--smoke", "--out", str(out)])
+    assert all("summary" in json.loads((out / "runs" / f"{r.key}.json").read_text()) for r in real)
     text = report.read_text()
     plan = suite_plan(smoke=True, seeds=1)
     for comp in comparisons(plan):
@@ -365,7 +379,7 @@ def test_smoke_suite_and_resume(tmp_path):
     assert len(tests) == 4 and all(("**met**" in g) != ("not met: " in g) for g in tests)
     assert all(p.stat().st_size > 1000 for p in out.glob("*.png"))
     runs = sorted((out / "runs").glob("*.json"))
-    auto = [p for p in runs if "pauto" in p.name]
+    auto = [p for p in runs if "adampower_wsd_pauto" in p.name]  # the two trained here
     assert auto and all(
         "noise/b_simple" in json.dumps(json.loads(p.read_text())["log_history"]) for p in auto
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "hf_gradpower"
-COMMANDS = ("hf-gradpower-eval", "hf-gradpower-pretrain", "hf-gradpower-probe")  # the README names them
+COMMANDS = ("hf-gradpower-eval", "hf-gradpower-gpu-check", "hf-gradpower-pretrain", "hf-gradpower-probe")  # the README names them
 
 CHECK = """
 import json, sys
