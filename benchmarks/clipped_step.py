@@ -8,19 +8,23 @@ Each timed step is ``clip to max_norm 1.0`` (active on the benchmark gradients) 
 saved copy outside the timed region, every row interleaved step by step, once per thread count. Rows:
 
 * ``adamw``: ``torch.nn.utils.clip_grad_norm_`` + fused AdamW, i.e. Trainer's AdamW with clipping (the baseline);
-* ``adampower[impl]``: GradPowerTrainer's default (``before_clip``): :func:`hf_gradpower.clip_and_power_` (the norm
-  of phi(g), read only) + AdamPower's step (phi and the clip coefficient inside its one-pass step);
+* ``adampower[impl]``: GradPowerTrainer's default (``before_clip``): :func:`hf_gradpower.clip_and_power_` + AdamPower's
+  step. On a CPU the norm pass writes phi(g) and the step is AdamW on ``coef * phi(g)`` in one pass; on an
+  accelerator the norm pass only reads and phi and the coefficient run inside AdamPower's one-pass step;
+* ``adampower-read_only[impl]`` (CPU only): the accelerator route on CPU tensors, to show the choice;
 * ``adampower-apply_now[impl]``: phi written into the gradients first (``apply_now``), then ``clip_grad_norm_``,
   then the step (the route of `apply_now`, three passes over the gradients before the step);
-* ``sgd`` / ``sgdpower[impl]``: SGD (momentum 0.9) with ``clip_grad_norm_`` against ``attach(SGD)`` with
-  ``clip_and_power_`` (phi and the coefficient in one pass over the gradients, then SGD);
+* ``sgd`` / ``sgdpower[impl]`` / ``sgdpower-read_only[impl]``: SGD (momentum 0.9) with ``clip_grad_norm_``
+  against ``attach(SGD)`` with ``clip_and_power_`` (CPU: phi written by the norm pass, the coefficient multiplied
+  in at the step; read only: phi and the coefficient in one pass at the step), then SGD;
 * ``muon`` / ``muonpower``: MuonAdamW with ``clip_grad_norm_`` against MuonPower with ``clip_and_power_``
   (the fastest phi implementation).
 
 ``impl`` is each CPU phi implementation this machine builds (C kernel variants, eager torch ops), as in
 :mod:`benchmarks.optimizer_step`. Writes ``clipped_step_<device>.md`` / ``.json`` naming the CPU and its ISA.
 GPU: :func:`clipped_step` is the timed work of a row (``gpu_check`` can call it in place of ``optimizer.step()``);
-bytes per fp32 parameter: ``adamw`` 40 (norm 4, scaling 8, AdamW 28), ``adampower`` 32 (norm 4, one pass 28).
+bytes per fp32 parameter: ``adamw`` 40 (norm 4, scaling 8, AdamW 28), ``adampower`` 32 on an accelerator (norm 4,
+one pass 28), 36 on a CPU (norm pass writing phi 8, AdamW 28).
 """
 
 from __future__ import annotations
@@ -39,17 +43,19 @@ from benchmarks.optimizer_step import (
     time_steps,
     write_report,
 )
-from hf_gradpower.kernels import cpu, dispatch
+from hf_gradpower.kernels import cpu, dispatch, eager
 
 MAX_NORM = 1.0
 APPLY_NOW = "-apply_now"
-BASES = {"adampower": "adamw", "adampower" + APPLY_NOW: "adamw", "sgdpower": "sgd", "muonpower": "muon"}
+READ_ONLY = "-read_only"
+BASES = {"adampower": "adamw", "adampower" + APPLY_NOW: "adamw", "adampower" + READ_ONLY: "adamw",
+         "sgdpower": "sgd", "sgdpower" + READ_ONLY: "sgd", "muonpower": "muon"}  # fmt: skip
 STEP_BYTES = {"adamw": 40, "adampower": 32}  # per fp32 parameter, see the module docstring
 
 
 def build(model: torch.nn.Module, name: str) -> torch.optim.Optimizer:
     """The optimizer of a row (its name without the route suffix), built as the registry builds it."""
-    name = name.removesuffix(APPLY_NOW)
+    name = name.removesuffix(APPLY_NOW).removesuffix(READ_ONLY)
     if name.startswith("sgd"):
         return gp.build_optimizer(model, name, lr=1e-4, weight_decay=0.1, momentum=0.9)
     return gp.build_optimizer(model, name, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95))
@@ -60,11 +66,25 @@ def clipped_step(name: str, optimizer: torch.optim.Optimizer, model: torch.nn.Mo
     if name.endswith(APPLY_NOW):
         gp.apply_now(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+    elif name.endswith(READ_ONLY):
+        with norm_pass_read_only():
+            gp.clip_and_power_(optimizer, MAX_NORM)
     elif name.endswith("power"):
         gp.clip_and_power_(optimizer, MAX_NORM)
     else:
         torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
     optimizer.step()
+
+
+@contextlib.contextmanager
+def norm_pass_read_only():
+    """The accelerator route on CPU tensors, for comparison: the norm pass only reads, the step computes phi again."""
+    saved = cpu.WRITES_PHI_IN_NORM_PASS, eager.WRITES_PHI_IN_NORM_PASS
+    cpu.WRITES_PHI_IN_NORM_PASS = eager.WRITES_PHI_IN_NORM_PASS = False
+    try:
+        yield
+    finally:
+        cpu.WRITES_PHI_IN_NORM_PASS, eager.WRITES_PHI_IN_NORM_PASS = saved
 
 
 def run(
@@ -81,8 +101,9 @@ def run(
     else:  # one implementation per device: the backend the dispatcher picks (Triton where it passes its check)
         kernels = {dispatch.backend_name(torch.zeros(4, device=device)): None}
     rows: list[tuple[str, str | None]] = [("adamw", None), ("sgd", None)]
-    for name in ("adampower", "adampower" + APPLY_NOW, "sgdpower"):
-        rows += [(name, k) for k in kernels]
+    for name in ("adampower", "adampower" + READ_ONLY, "adampower" + APPLY_NOW, "sgdpower", "sgdpower" + READ_ONLY):
+        if device == "cpu" or not name.endswith(READ_ONLY):  # on accelerators the default route is the read-only one
+            rows += [(name, k) for k in kernels if not (name.endswith(READ_ONLY) and k == "eager-torch")]
     timed = dict(build_fn=build, step_fn=clipped_step, small=small)
     results = {}
     for t in threads:

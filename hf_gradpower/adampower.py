@@ -51,7 +51,7 @@ class AdamPower(torch.optim.AdamW):
         coef = take_clip_coef(self)  # from clip_and_power_: phi(g) is multiplied by it
         for group in self.param_groups:
             p = group.get(GROUP_KEY, 1.0) if not already_applied else 1.0
-            if p == 1.0 or not one_pass_step(self, group, p, coef):
+            if (p == 1.0 and coef is None) or not one_pass_step(self, group, p, coef):
                 if p != 1.0 or coef is not None:
                     power_((q.grad for q in group["params"]), p, coef=coef)
                 adamw_group_step(self, group)
@@ -59,9 +59,9 @@ class AdamPower(torch.optim.AdamW):
 
 
 def one_pass_step(optimizer: torch.optim.AdamW, group: dict, p: float, coef: torch.Tensor | None = None) -> bool:
-    """AdamW on ``coef * phi_p(g)`` for the whole group in one kernel call per (device, dtypes); False, before
-    any state is created or step counted, where no fast backend serves the group. The backend passes its
-    self-check first; DTensor (FSDP2) parameters, gradients and state are updated through their local shards."""
+    """AdamW on ``coef * phi_p(g)`` (p = 1: on ``coef * g``) for the whole group in one kernel call per (device,
+    dtypes); False, before any state is created or step counted, where no fast backend serves the group. The
+    backend passes its self-check first; DTensor (FSDP2) parameters, gradients and state are updated through their local shards."""
     with_grad = [q for q in group["params"] if q.grad is not None]
     if not with_grad or not is_plain_adamw(group):
         return False

@@ -101,14 +101,21 @@ def apply_now(optimizer: torch.optim.Optimizer, *, grad_scale: torch.Tensor | fl
     """
     optimizer = inner_optimizer(optimizer)
     power_groups_(optimizer, grad_scale=grad_scale)
-    setattr(optimizer, _APPLIED_FLAG, True)
+    mark_applied(optimizer, "apply_now")
 
 
-def take_applied_flag(optimizer: torch.optim.Optimizer) -> bool:
-    """True once after :func:`apply_now` ran on ``optimizer`` (for optimizers that apply phi in ``step``)."""
-    applied = getattr(optimizer, _APPLIED_FLAG, False)
-    setattr(optimizer, _APPLIED_FLAG, False)
-    return applied
+def mark_applied(optimizer: torch.optim.Optimizer, by: str) -> None:
+    """Record that ``by`` (``"apply_now"`` or ``"clip_and_power_"``) wrote phi into the gradients: the next
+    ``step`` must not apply it again."""
+    setattr(optimizer, _APPLIED_FLAG, by)
+
+
+def take_applied_flag(optimizer: torch.optim.Optimizer) -> str | None:
+    """Once, the name of the function that wrote phi into the gradients for this step (see :func:`mark_applied`),
+    or None (for optimizers that apply phi in ``step``)."""
+    applied = getattr(optimizer, _APPLIED_FLAG, None)
+    setattr(optimizer, _APPLIED_FLAG, None)
+    return applied or None
 
 
 def set_clip_coef(optimizer: torch.optim.Optimizer, coef: torch.Tensor | None) -> None:

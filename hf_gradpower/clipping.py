@@ -36,8 +36,16 @@ import math
 
 import torch
 
-from hf_gradpower.attach import GROUP_KEY, inner_optimizer, is_attached, set_clip_coef, take_applied_flag
-from hf_gradpower.transform import power_sq_sum
+from hf_gradpower.attach import (
+    GROUP_KEY,
+    inner_optimizer,
+    is_attached,
+    mark_applied,
+    set_clip_coef,
+    take_applied_flag,
+)
+from hf_gradpower.kernels import dispatch
+from hf_gradpower.transform import _local, power_sq_sum
 
 __all__ = ["clip_and_power_"]
 
@@ -56,7 +64,7 @@ def clip_and_power_(
     opt = inner_optimizer(optimizer)
     max_norm = _checked_max_norm(max_norm)
     set_clip_coef(opt, None)  # a coefficient left by a step that GradScaler skipped must not reach this one
-    if take_applied_flag(opt):
+    if take_applied_flag(opt) == "apply_now":  # (a flag of ours from a skipped step concerned older gradients)
         raise ValueError(
             "apply_now already wrote phi into these gradients: clip them with torch.nn.utils.clip_grad_norm_, "
             "or call clip_and_power_ instead of apply_now (it applies phi at the step)."
@@ -64,15 +72,20 @@ def clip_and_power_(
     powers = [group.get(GROUP_KEY, 1.0) if is_attached(opt) else 1.0 for group in opt.param_groups]
     if all(p == 1.0 for p in powers):
         return _clip_without_power(opt, max_norm, grad_scale)
+    grads_of = [[q.grad for q in group["params"] if q.grad is not None] for group in opt.param_groups]
+    write = grad_scale is None and max_norm > 0 and all(
+        dispatch.writes_phi_in_norm_pass([_local(g) for g in grads], p) for grads, p in zip(grads_of, powers, strict=True)
+    )  # fmt: skip
     sums: dict = {}  # gradient layout (None, or a DTensor's mesh and placements) -> float64 local sum
-    for group, p in zip(opt.param_groups, powers, strict=True):
+    for grads_in_group, p in zip(grads_of, powers, strict=True):
         by_layout: dict = {}
-        for q in group["params"]:
-            if q.grad is not None:
-                by_layout.setdefault(_layout(q.grad), []).append(q.grad)
+        for g in grads_in_group:
+            by_layout.setdefault(_layout(g), []).append(g)
         for layout, grads in by_layout.items():
-            part = power_sq_sum(grads, p, grad_scale=grad_scale)
+            part = power_sq_sum(grads, p, grad_scale=grad_scale, write=write)
             sums[layout] = part if layout not in sums else sums[layout] + part.to(sums[layout].device)
+    if write:
+        mark_applied(opt, "clip_and_power_")
     if not sums:
         return torch.zeros(())
     parts = [_reduced(layout, part) for layout, part in sums.items()]

@@ -166,6 +166,13 @@ static void kern(float *restrict x, int64_t n, const float *k) {
    even with no Newton step it was no faster. */
 typedef struct { __m512 decay, b1, omb1, b2, omb2, step, ibc2, eps, coef; } gp_hyper;
 
+static inline gp_hyper gp_hyper_init(const float *h, float coef) {
+  const gp_hyper a = {_mm512_set1_ps(h[0]), _mm512_set1_ps(h[1]), _mm512_set1_ps(h[2]), _mm512_set1_ps(h[3]),
+                      _mm512_set1_ps(h[4]), _mm512_set1_ps(h[5]), _mm512_set1_ps(h[6]), _mm512_set1_ps(h[7]),
+                      _mm512_set1_ps(coef)};
+  return a;
+}
+
 static inline __attribute__((always_inline)) void gp_adamw16(float *pp, __m512 g, float *mp, float *vp,
                                                              __mmask16 lm, const gp_hyper *a) {
   g = _mm512_mul_ps(g, a->coef);                                         /* the clip coefficient: 1 is exact */
@@ -187,9 +194,7 @@ static void kern_adamw(float *restrict pp, const float *restrict gp, float *rest
                        int64_t n, const float *k, const float *h, float coef) {
   gp_consts c;
   gp_init(&c, k);
-  const gp_hyper a = {_mm512_set1_ps(h[0]), _mm512_set1_ps(h[1]), _mm512_set1_ps(h[2]), _mm512_set1_ps(h[3]),
-                      _mm512_set1_ps(h[4]), _mm512_set1_ps(h[5]), _mm512_set1_ps(h[6]), _mm512_set1_ps(h[7]),
-                      _mm512_set1_ps(coef)};
+  const gp_hyper a = gp_hyper_init(h, coef);
   const __mmask16 all = (__mmask16)0xffff;
   int64_t i = 0;
   if (n >= 32) {
@@ -211,6 +216,18 @@ static void kern_adamw(float *restrict pp, const float *restrict gp, float *rest
   }
 }
 
+/* AdamW on coef * grad, no phi (the gradients already hold phi: clipping wrote it) */
+static void kern_adamw_plain(float *restrict pp, const float *restrict gp, float *restrict mp, float *restrict vp,
+                             int64_t n, const float *h, float coef) {
+  const gp_hyper a = gp_hyper_init(h, coef);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) gp_adamw16(pp + i, _mm512_loadu_ps(gp + i), mp + i, vp + i, (__mmask16)0xffff, &a);
+  if (i < n) {
+    __mmask16 lm = (__mmask16)((1u << (n - i)) - 1u);
+    gp_adamw16(pp + i, _mm512_maskz_loadu_ps(lm, gp + i), mp + i, vp + i, lm, &a);
+  }
+}
+
 /* sum of phi_p(x)^2: each phi widened to double (its square is then exact) and accumulated in double */
 static inline void gp_acc16(__m512d *acc, __m512 y) {
   __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(y)), hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(y, 1));
@@ -218,15 +235,22 @@ static inline void gp_acc16(__m512d *acc, __m512 y) {
   acc[1] = _mm512_fmadd_pd(hi, hi, acc[1]);
 }
 
-static double kern_sumsq(const float *restrict x, int64_t n, const float *k) {
+static inline __attribute__((always_inline)) double gp_sumsq(float *restrict x, int64_t n, const float *k,
+                                                              const int write) {
   gp_consts c;
   gp_init(&c, k);
   __m512d acc[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) gp_acc16(acc, gp_phi16(_mm512_loadu_ps(x + i), &c));
+  for (; i + 16 <= n; i += 16) {
+    __m512 y = gp_phi16(_mm512_loadu_ps(x + i), &c);
+    if (write) _mm512_storeu_ps(x + i, y);
+    gp_acc16(acc, y);
+  }
   if (i < n) {                                                           /* zero lanes: phi(0) = 0 */
     __mmask16 lm = (__mmask16)((1u << (n - i)) - 1u);
-    gp_acc16(acc, gp_phi16(_mm512_maskz_loadu_ps(lm, x + i), &c));
+    __m512 y = gp_phi16(_mm512_maskz_loadu_ps(lm, x + i), &c);
+    if (write) _mm512_mask_storeu_ps(x + i, lm, y);
+    gp_acc16(acc, y);
   }
   return _mm512_reduce_add_pd(_mm512_add_pd(acc[0], acc[1]));
 }
@@ -403,6 +427,21 @@ static void kern(float *restrict x, int64_t n, const float *k) {
 /* AdamW on 8 lanes given g = phi_p(grad) in registers (h's row, see gp_adamw_power_many) */
 typedef struct { __m256 decay, b1, omb1, b2, omb2, step, ibc2, eps, coef; } gp_hyper;
 
+static inline gp_hyper gp_hyper_init(const float *h, float coef) {
+  const gp_hyper a = {_mm256_set1_ps(h[0]), _mm256_set1_ps(h[1]), _mm256_set1_ps(h[2]), _mm256_set1_ps(h[3]),
+                      _mm256_set1_ps(h[4]), _mm256_set1_ps(h[5]), _mm256_set1_ps(h[6]), _mm256_set1_ps(h[7]),
+                      _mm256_set1_ps(coef)};
+  return a;
+}
+
+/* the same update on one element (the tails of the vector loops) */
+static inline void gp_adamw1(float *pp, float g, float *mp, float *vp, const float *h) {
+  float m = fmaf(*mp, h[1], g * h[2]), v = fmaf(*vp, h[3], (g * g) * h[4]);
+  *mp = m;
+  *vp = v;
+  *pp = fmaf(-h[5], m / fmaf(sqrtf(v), h[6], h[7]), *pp * h[0]);
+}
+
 static inline __attribute__((always_inline)) void gp_adamw8(float *pp, __m256 g, float *mp, float *vp,
                                                             const gp_hyper *a) {
   g = _mm256_mul_ps(g, a->coef);                                         /* the clip coefficient: 1 is exact */
@@ -423,9 +462,7 @@ static void kern_adamw(float *restrict pp, const float *restrict gp, float *rest
                        int64_t n, const float *k, const float *h, float coef) {
   gp_consts c;
   gp_init(&c, k);
-  const gp_hyper a = {_mm256_set1_ps(h[0]), _mm256_set1_ps(h[1]), _mm256_set1_ps(h[2]), _mm256_set1_ps(h[3]),
-                       _mm256_set1_ps(h[4]), _mm256_set1_ps(h[5]), _mm256_set1_ps(h[6]), _mm256_set1_ps(h[7]),
-                       _mm256_set1_ps(coef)};
+  const gp_hyper a = gp_hyper_init(h, coef);
   int64_t i = 0;
 #define GP_ADAMW_LOOP(D)                                                                          \
   if (n >= 64) {                                                                                  \
@@ -444,13 +481,16 @@ static void kern_adamw(float *restrict pp, const float *restrict gp, float *rest
   for (; i + 8 <= n; i += 8) gp_adamw8(pp + i, gp_phi8(_mm256_loadu_ps(gp + i), &c, D), mp + i, vp + i, &a)
   GP_BY_DEG(c, GP_ADAMW_LOOP);
 #undef GP_ADAMW_LOOP
-  for (; i < n; i++) {
-    float g = gp_phi1(gp[i], k[0], k[1], k[2]) * coef;
-    float m = fmaf(mp[i], h[1], g * h[2]), v = fmaf(vp[i], h[3], (g * g) * h[4]);
-    mp[i] = m;
-    vp[i] = v;
-    pp[i] = fmaf(-h[5], m / fmaf(sqrtf(v), h[6], h[7]), pp[i] * h[0]);
-  }
+  for (; i < n; i++) gp_adamw1(pp + i, gp_phi1(gp[i], k[0], k[1], k[2]) * coef, mp + i, vp + i, h);
+}
+
+/* AdamW on coef * grad, no phi (the gradients already hold phi: clipping wrote it) */
+static void kern_adamw_plain(float *restrict pp, const float *restrict gp, float *restrict mp, float *restrict vp,
+                             int64_t n, const float *h, float coef) {
+  const gp_hyper a = gp_hyper_init(h, coef);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) gp_adamw8(pp + i, _mm256_loadu_ps(gp + i), mp + i, vp + i, &a);
+  for (; i < n; i++) gp_adamw1(pp + i, gp[i] * coef, mp + i, vp + i, h);
 }
 
 /* sum of phi_p(x)^2: each phi widened to double (its square is then exact) and accumulated in double */
@@ -460,7 +500,8 @@ static inline __attribute__((always_inline)) void gp_acc8(__m256d *acc, __m256 y
   acc[1] = _mm256_fmadd_pd(hi, hi, acc[1]);
 }
 
-static double kern_sumsq(const float *restrict x, int64_t n, const float *k) {
+static inline __attribute__((always_inline)) double gp_sumsq(float *restrict x, int64_t n, const float *k,
+                                                              const int write) {
   gp_consts c;
   gp_init(&c, k);
   __m256d acc[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
@@ -470,17 +511,25 @@ static double kern_sumsq(const float *restrict x, int64_t n, const float *k) {
     __m256 v[4];                                                                                  \
     for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_ps(x + i + 8 * j);                            \
     gp_phi32v(v, &c, D);                                                                          \
-    for (int j = 0; j < 4; j++) gp_acc8(acc, v[j]);                                               \
+    for (int j = 0; j < 4; j++) {                                                                 \
+      if (write) _mm256_storeu_ps(x + i + 8 * j, v[j]);                                           \
+      gp_acc8(acc, v[j]);                                                                         \
+    }                                                                                             \
   }                                                                                               \
-  for (; i + 8 <= n; i += 8) gp_acc8(acc, gp_phi8(_mm256_loadu_ps(x + i), &c, D))
+  for (; i + 8 <= n; i += 8) {                                                                    \
+    __m256 y = gp_phi8(_mm256_loadu_ps(x + i), &c, D);                                            \
+    if (write) _mm256_storeu_ps(x + i, y);                                                        \
+    gp_acc8(acc, y);                                                                              \
+  }
   GP_BY_DEG(c, GP_SUMSQ_LOOP);
 #undef GP_SUMSQ_LOOP
   __m256d s4 = _mm256_add_pd(acc[0], acc[1]);
   __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
   double s = _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
   for (; i < n; i++) {
-    double y = gp_phi1(x[i], k[0], k[1], k[2]);
-    s += y * y;
+    float y = gp_phi1(x[i], k[0], k[1], k[2]);
+    if (write) x[i] = y;
+    s += (double)y * y;
   }
   return s;
 }
@@ -493,13 +542,16 @@ static void kern(float *restrict x, int64_t n, const float *k) {
   for (int64_t i = 0; i < n; i++) x[i] = gp_phi1(x[i], qh, ql, qf);
 }
 
-static void kern_adamw(float *restrict pp, const float *restrict gp, float *restrict mp, float *restrict vp,
-                       int64_t n, const float *k, const float *h, float coef) {
-  const float qh = k[0], ql = k[1], qf = k[2];
+/* AdamW on coef * phi_p(grad), or on coef * grad where k is NULL (the gradients already hold phi) */
+static inline __attribute__((always_inline)) void gp_adamw_loop(float *restrict pp, const float *restrict gp,
+                                                                float *restrict mp, float *restrict vp, int64_t n,
+                                                                const float *k, const float *h, float coef,
+                                                                const int phi) {
+  const float qh = phi ? k[0] : 0.0f, ql = phi ? k[1] : 0.0f, qf = phi ? k[2] : 0.0f;
   const float decay = h[0], b1 = h[1], omb1 = h[2], b2 = h[3], omb2 = h[4], step = h[5], ibc2 = h[6], eps = h[7];
 #pragma omp simd
   for (int64_t i = 0; i < n; i++) {
-    float g = gp_phi1(gp[i], qh, ql, qf) * coef;
+    float g = (phi ? gp_phi1(gp[i], qh, ql, qf) : gp[i]) * coef;
     float m = mp[i] * b1 + g * omb1, v = vp[i] * b2 + (g * g) * omb2;
     mp[i] = m;
     vp[i] = v;
@@ -507,14 +559,26 @@ static void kern_adamw(float *restrict pp, const float *restrict gp, float *rest
   }
 }
 
-/* sum of phi_p(x)^2 in double (the square of a float widened to double is exact) */
-static double kern_sumsq(const float *restrict x, int64_t n, const float *k) {
+static void kern_adamw(float *restrict pp, const float *restrict gp, float *restrict mp, float *restrict vp,
+                       int64_t n, const float *k, const float *h, float coef) {
+  gp_adamw_loop(pp, gp, mp, vp, n, k, h, coef, 1);
+}
+
+static void kern_adamw_plain(float *restrict pp, const float *restrict gp, float *restrict mp, float *restrict vp,
+                             int64_t n, const float *h, float coef) {
+  gp_adamw_loop(pp, gp, mp, vp, n, NULL, h, coef, 0);
+}
+
+/* sum of phi_p(x)^2 in double (the square of a float widened to double is exact); write: x <- phi_p(x) too */
+static inline __attribute__((always_inline)) double gp_sumsq(float *restrict x, int64_t n, const float *k,
+                                                              const int write) {
   const float qh = k[0], ql = k[1], qf = k[2];
   double s = 0.0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; i++) {
-    double y = gp_phi1(x[i], qh, ql, qf);
-    s += y * y;
+    float y = gp_phi1(x[i], qh, ql, qf);
+    if (write) x[i] = y;
+    s += (double)y * y;
   }
   return s;
 }
@@ -573,22 +637,26 @@ int gp_sign_power_many(float *const *xs, const int64_t *ns, int count, const flo
   GP_FOR_CHUNKS(kern(xs[t] + lo, len, k); if (coef != 1.0f) gp_scale(xs[t] + lo, len, coef))
 }
 
-/* part[c] = sum of phi_p(x)^2 over chunk c (chunks numbered as GP_FOR_CHUNKS deals them) */
-static int gp_sumsq_chunks(const float *const *xs, const int64_t *ns, int count, const float *k, double *part,
+static double kern_sumsq(float *restrict x, int64_t n, const float *k) { return gp_sumsq(x, n, k, 0); }
+static double kern_sumsq_write(float *restrict x, int64_t n, const float *k) { return gp_sumsq(x, n, k, 1); }
+
+/* part[c] = sum of phi_p(x)^2 over chunk c (chunks numbered as GP_FOR_CHUNKS deals them); write: phi stored too */
+static int gp_sumsq_chunks(float *const *xs, const int64_t *ns, int count, const float *k, double *part, int write,
                            int nthreads) {
-  GP_FOR_CHUNKS(part[c] = kern_sumsq(xs[t] + lo, len, k))
+  GP_FOR_CHUNKS(part[c] = write ? kern_sumsq_write(xs[t] + lo, len, k) : kern_sumsq(xs[t] + lo, len, k))
 }
 
-/* out[i] = sum of phi_p(x)^2 over array i, read only. Accumulated in double per chunk (the squares of the float32
-   phi values are exact there, the sums round at 2^-53 relative), and the chunk sums of each array added in chunk
-   order after the parallel region: the result does not depend on the number of threads. */
-int gp_phi_sumsq_many(const float *const *xs, const int64_t *ns, int count, const float *k, double *out,
+/* out[i] = sum of phi_p(x)^2 over array i; write = 0: read only, write = 1: x <- phi_p(x) in the same pass.
+   Accumulated in double per chunk (the squares of the float32 phi values are exact there, the sums round at
+   2^-53 relative), and the chunk sums of each array added in chunk order after the parallel region: the result
+   does not depend on the number of threads. */
+int gp_phi_sumsq_many(float *const *xs, const int64_t *ns, int count, const float *k, double *out, int write,
                       int nthreads) {
   int64_t nch = 0;
   for (int i = 0; i < count; i++) nch += (ns[i] + GP_CHUNK - 1) / GP_CHUNK;
   double *part = (double *)malloc(sizeof(double) * (nch > 0 ? nch : 1));
   if (!part) return -1;
-  int rc = gp_sumsq_chunks(xs, ns, count, k, part, nthreads);
+  int rc = gp_sumsq_chunks(xs, ns, count, k, part, write, nthreads);
   int64_t c = 0;
   for (int i = 0; rc == 0 && i < count; i++) {
     double s = 0.0;
@@ -600,11 +668,14 @@ int gp_phi_sumsq_many(const float *const *xs, const int64_t *ns, int count, cons
 }
 
 /* One AdamW step (decoupled weight decay) on coef * phi_p(grad) per tensor, each array read and written once
-   (coef: the clip coefficient, rounded after phi as clipping a stored phi would; 1 is exact: the unclipped step).
+   (coef: the clip coefficient, rounded after phi as clipping a stored phi would; 1 is exact: the unclipped step;
+   k = NULL: on coef * grad, no phi, for gradients that already hold phi).
    h + 8 i = (1 - lr*wd, beta1, 1 - beta1, beta2, 1 - beta2, lr / bias_correction1, 1 / sqrt(bias_correction2),
    eps) for tensor i. */
 int gp_adamw_power_many(float *const *params, float *const *grads, float *const *exp_avgs, float *const *exp_avg_sqs,
                         const int64_t *ns, int count, const float *k, const float *h, float coef, int nthreads) {
-  GP_FOR_CHUNKS(kern_adamw(params[t] + lo, grads[t] + lo, exp_avgs[t] + lo, exp_avg_sqs[t] + lo, len, k, h + 8 * t,
-                           coef))
+  GP_FOR_CHUNKS(if (k) kern_adamw(params[t] + lo, grads[t] + lo, exp_avgs[t] + lo, exp_avg_sqs[t] + lo, len, k,
+                                   h + 8 * t, coef);
+                else kern_adamw_plain(params[t] + lo, grads[t] + lo, exp_avgs[t] + lo, exp_avg_sqs[t] + lo, len,
+                                      h + 8 * t, coef))
 }

@@ -89,18 +89,25 @@ def power_(
 
 @torch.no_grad()
 def power_sq_sum(
-    grads: Iterable[torch.Tensor | None], p: float, *, grad_scale: torch.Tensor | float | None = None
+    grads: Iterable[torch.Tensor | None], p: float, *, grad_scale: torch.Tensor | float | None = None,
+    write: bool = False,
 ) -> torch.Tensor | None:
-    """Sum of phi_p(g)**2 over every element of the local gradients (a DTensor's shard on this rank), read only;
-    with ``grad_scale`` s that of the true gradients g / s. float64, 0-d, on the first gradient's device (None
-    without gradients). Each kernel backend reads its share in one call."""
+    """Sum of phi_p(g)**2 over every element of the local gradients (a DTensor's shard on this rank); with
+    ``grad_scale`` s that of the true gradients g / s. float64, 0-d, on the first gradient's device (None
+    without gradients). Each kernel backend reads its share in one call: read only, or with ``write`` (no
+    ``grad_scale``) storing phi_p(g) into the gradients in the same pass."""
     p = validate_power(p)
+    if write and grad_scale is not None:
+        raise ValueError("power_sq_sum(write=True) takes unscaled gradients: unscale them first, or write=False")
     local = [_checked_local(g) for g in grads if g is not None]
     if not local:
         return None
     device = local[0].device
-    total = torch.stack([s.to(device, torch.float64) for s in dispatch.phi_sum_sq(local, p, grad_scale=grad_scale)])
-    total = total.sum()
+    if write and p != 1.0:
+        parts = dispatch.phi_sum_sq_(local, p)
+    else:
+        parts = dispatch.phi_sum_sq(local, p, grad_scale=grad_scale)
+    total = torch.stack([s.to(device, torch.float64) for s in parts]).sum()
     if grad_scale is not None:  # the backends sum (s phi(g / s))^2
         total = total / torch.as_tensor(grad_scale, dtype=torch.float64, device=device).square()
     return total

@@ -306,14 +306,15 @@ def test_multi_tensor_entry_equals_one_call_per_tensor(name):
 
 @pytest.mark.parametrize("name", VARIANT_NAMES)
 @pytest.mark.parametrize("coef", [1.0, 0.37])
-def test_each_variant_adamw_on_phi_matches_the_float64_formula(name, coef):
-    """One AdamW step on coef * phi_p(g) per tensor (coef: a clip coefficient), each with its own step (hyper
-    row), vs float64. The sizes cover chunk remainders and the edges of the software-pipelined loops (under 32
-    floats, 32, 47, 48, 63, 64, 95)."""
+@pytest.mark.parametrize("p", [1.2, 1.0], ids=["phi", "no-phi"])
+def test_each_variant_adamw_on_phi_matches_the_float64_formula(name, coef, p):
+    """One AdamW step on coef * phi_p(g) per tensor (coef: a clip coefficient; p = 1: on coef * g, the entry
+    clipping uses once it wrote phi), each with its own step (hyper row), vs float64. The sizes cover chunk
+    remainders and the edges of the software-pipelined loops (under 32 floats, 32, 47, 48, 63, 64, 95)."""
     kernel = _variant(name)
     g = torch.Generator().manual_seed(3)
     sizes = (100_003, 517, 1, 17, 32, 47, 48, 63, 64, 95)
-    lr, wd, b1, b2, eps, p = 1e-3, 0.1, 0.9, 0.95, 1e-8, 1.2
+    lr, wd, b1, b2, eps = 1e-3, 0.1, 0.9, 0.95, 1e-8
     grads = [torch.randn(n, generator=g) * 1e-3 for n in sizes]
     params = [torch.randn(n, generator=g) for n in sizes]
     ms = [torch.randn(n, generator=g) * 1e-4 for n in sizes]
@@ -422,6 +423,26 @@ def test_each_variant_phi_with_a_clip_coefficient_is_phi_then_one_multiply(name)
         kernel.sign_power_many(scaled, 1.2, 2, coef=coef)
         kernel.sign_power_many(plain, 1.2, 2)
         assert all(torch.equal(a, b * coef) for a, b in zip(scaled, plain, strict=True))
+
+
+@pytest.mark.parametrize("name", VARIANT_NAMES)
+def test_each_variant_sum_of_squares_that_writes_phi_equals_phi_then_the_read_only_sums(name):
+    """The write-once norm pass: the tensors end up holding exactly what phi alone writes, and the sums are the
+    read-only entry's bits, for 1 and 2 threads, at chunk and loop edges, with inf and nan inside."""
+    kernel = _variant(name)
+    g = torch.Generator().manual_seed(19)
+    sizes = (100_003, 16_384, 16_385, 517, 1, 17, 32, 47, 63, 0, 95)
+    xs = [torch.randn(n, generator=g) * 10.0 ** torch.empty(n).uniform_(-9, 1, generator=g) for n in sizes]
+    xs[3][:3] = torch.tensor([float("inf"), float("nan"), 1e-45])
+    for p in (0.8, 1.2, 2.5):
+        for nthreads in (1, 2):
+            written, phi = [x.clone() for x in xs], [x.clone() for x in xs]
+            got = kernel.phi_sumsq_many(written, p, nthreads, write=True)
+            kernel.sign_power_many(phi, p, nthreads)
+            assert all(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+                       for a, b in zip(written, phi, strict=True))  # fmt: skip
+            want = kernel.phi_sumsq_many(xs, p, nthreads)
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()) and got[3].isnan()
 
 
 def test_portable_loop_auto_vectorises_without_libm_calls():

@@ -47,6 +47,9 @@ from hf_gradpower.kernels import eager
 from hf_gradpower.kernels.common import AdamWScalars, plain_dense
 
 NAME = "c"
+# On a CPU core phi's arithmetic, not memory, sets the pace: clipping writes phi in its norm pass rather than
+# computing it again at the step (hf_gradpower.clipping has the measurements).
+WRITES_PHI_IN_NORM_PASS = True
 logger = logging.getLogger(__name__)
 ENV_VAR = "HF_GRADPOWER_KERNEL"
 SOURCE = Path(__file__).resolve().parents[1] / "gradpower_kernel.c"
@@ -133,8 +136,9 @@ class CpuKernel:
         if rc:
             raise MemoryError("gradpower kernel: out of memory")
 
-    def phi_sumsq_many(self, xs: Sequence[torch.Tensor], p: float, nthreads: int) -> torch.Tensor:
-        """Per-tensor sums of ``phi_p(x)**2`` (float64, one entry per tensor), reading each tensor once.
+    def phi_sumsq_many(self, xs: Sequence[torch.Tensor], p: float, nthreads: int, write: bool = False) -> torch.Tensor:
+        """Per-tensor sums of ``phi_p(x)**2`` (float64, one entry per tensor), reading each tensor once
+        (``write``: and storing phi_p(x) into it in the same pass).
 
         Error: each phi is within ``ULP_BOUNDS`` of float64, its square and the sums are exact to 2**-53 per
         addition, so a sum is within ``2 * ULP_BOUND * 2**-23`` (relative) of the float64 reference plus
@@ -143,7 +147,7 @@ class CpuKernel:
         out = torch.empty(len(xs), dtype=torch.float64)
         rc = self.lib.gp_phi_sumsq_many(
             _array(_PTRS, [x.data_ptr() for x in xs]), _array(_I64, [x.numel() for x in xs]), len(xs),
-            constants(p), out.data_ptr(), nthreads,
+            constants(p), out.data_ptr(), int(write), nthreads,
         )
         if rc:
             raise MemoryError("gradpower kernel: out of memory")
@@ -151,11 +155,12 @@ class CpuKernel:
 
     def adamw_power_many(self, params, grads, exp_avgs, exp_avg_sqs, p: float, hyper: ctypes.Array,
                          nthreads: int, coef: float = 1.0) -> None:
-        """One AdamW step on ``coef * phi_p(grad)`` per tensor; ``hyper`` holds 8 floats per tensor (see the
-        C file). ``coef``: the clip coefficient (1.0 gives the unclipped step, bit for bit)."""
+        """One AdamW step on ``coef * phi_p(grad)`` per tensor (p = 1: on ``coef * grad``, no phi); ``hyper`` holds
+        8 floats per tensor (see the C file). ``coef``: the clip coefficient (1.0 gives the unclipped step)."""
         ptrs = [_array(_PTRS, [t.data_ptr() for t in ts]) for ts in (params, grads, exp_avgs, exp_avg_sqs)]
         rc = self.lib.gp_adamw_power_many(
-            *ptrs, _array(_I64, [t.numel() for t in params]), len(params), constants(p), hyper, coef, nthreads
+            *ptrs, _array(_I64, [t.numel() for t in params]), len(params), None if p == 1.0 else constants(p), hyper,
+            coef, nthreads,
         )
         if rc:
             raise MemoryError("gradpower kernel: out of memory")
@@ -252,7 +257,7 @@ def build(variant: str = "native") -> CpuKernel:
             errors.append(f"{' '.join(extra)}: {exc}")
             continue
         lib.gp_sign_power_many.argtypes = [_PTRS, _PTRS, ctypes.c_int, _PTRS, ctypes.c_float, ctypes.c_int]
-        lib.gp_phi_sumsq_many.argtypes = [_PTRS, _PTRS, ctypes.c_int, _PTRS, _PTRS, ctypes.c_int]
+        lib.gp_phi_sumsq_many.argtypes = [_PTRS, _PTRS, ctypes.c_int, _PTRS, _PTRS, ctypes.c_int, ctypes.c_int]
         lib.gp_adamw_power_many.argtypes = [_PTRS] * 5 + [ctypes.c_int, _PTRS, _PTRS, ctypes.c_float, ctypes.c_int]
         for entry in (lib.gp_sign_power_many, lib.gp_phi_sumsq_many, lib.gp_adamw_power_many, lib.gp_impl):
             entry.restype = ctypes.c_int
@@ -514,6 +519,23 @@ def phi_sum_sq(tensors, p: float, *, grad_scale=None) -> torch.Tensor:
     return torch.stack([by_id[id(t)] for t in tensors]).float()
 
 
+@torch.no_grad()
+def phi_sum_sq_(tensors, p: float) -> torch.Tensor:
+    """In place ``g <- phi_p(g)`` and the per-tensor sums of squares of the result: the dense float32 tensors read
+    and written once in ONE kernel call (float64 sums), float32 results; other layouts by the eager backend."""
+    dense = [t for t in tensors if dense_cpu_f32(t)] if float(p) != 1.0 else []
+    if len({t.data_ptr() for t in dense}) != len(dense):  # a tensor twice would race with itself
+        dense = []
+    if not dense:
+        return eager.phi_sum_sq_(tensors, p)
+    by_id = dict(zip(map(id, dense), fast_kernel().phi_sumsq_many(dense, p, torch.get_num_threads(), write=True),
+                     strict=True))  # fmt: skip
+    rest = [t for t in tensors if id(t) not in by_id]
+    if rest:
+        by_id.update(zip(map(id, rest), eager.phi_sum_sq_(rest, p).double(), strict=True))
+    return torch.stack([by_id[id(t)] for t in tensors]).float()
+
+
 def adamw_hyper(group: dict, steps: Sequence[torch.Tensor]) -> ctypes.Array:
     """The kernel's 8 floats per tensor for the step about to be taken: torch's formulas in double, rounded
     once to float32 (1 - lr wd, beta1, 1 - beta1, beta2, 1 - beta2, lr / bc1, 1 / sqrt(bc2), eps)."""
@@ -536,8 +558,8 @@ def adamw_takes(params, grads, exp_avgs, exp_avg_sqs) -> bool:
 
 @torch.no_grad()
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, group: dict, p: float, *, coef=None) -> None:
-    """One AdamW step on phi_p(g) for all tensors in ONE kernel call; ``steps`` advance only after it returned.
-    ``.grad`` keeps g."""
+    """One AdamW step on ``coef * phi_p(g)`` (p = 1: on ``coef * g``) for all tensors in ONE kernel call; ``steps``
+    advance only after it returned. ``.grad`` keeps g."""
     hyper = adamw_hyper(group, steps)
     factor = 1.0 if coef is None else float(coef)
     fast_kernel().adamw_power_many(params, grads, exp_avgs, exp_avg_sqs, p, hyper, torch.get_num_threads(), factor)

@@ -150,6 +150,22 @@ def phi_sum_sq(
     return [out[id(t)] for t in tensors]
 
 
+def phi_sum_sq_(tensors: Sequence[torch.Tensor], p: float) -> list[torch.Tensor]:
+    """In place ``g <- phi_p(g)`` and the sum of squares of each result (0-d float32 tensors, in input order), each
+    backend's share in one call."""
+    out: dict[int, torch.Tensor] = {}
+    for (backend, _, dtype), ts in _grouped(tensors, float(p)).items():
+        sums = _run(backend, ts[0], (dtype,), "phi_sum_sq_", ts, float(p))
+        out.update(zip(map(id, ts), sums.unbind(0), strict=True))
+    return [out[id(t)] for t in tensors]
+
+
+def writes_phi_in_norm_pass(tensors: Sequence[torch.Tensor], p: float) -> bool:
+    """Whether clipping should write phi while it sums the squares (every backend serving these tensors is bound by
+    arithmetic, e.g. a CPU core) rather than read only and leave phi to the step (bytes bound, accelerators)."""
+    return all(backend_for(t, p).WRITES_PHI_IN_NORM_PASS for t in tensors)
+
+
 def adamw_backend(params, grads, p: float) -> ModuleType:
     """The one backend that can run AdamW on phi_p(g) for all of a group's (param, grad) pairs (self-checked
     now, before the caller creates any state), or the eager backend."""

@@ -13,6 +13,8 @@ import torch
 from torch.optim.adam import adam
 
 NAME = "eager"
+# Clipping writes phi in its norm pass rather than computing it again at the step (see hf_gradpower.clipping).
+WRITES_PHI_IN_NORM_PASS = True
 _CHUNK = 1 << 22  # float64 temporaries of at most 32 MB
 
 
@@ -33,6 +35,8 @@ def _blocks(x: torch.Tensor) -> Iterator[torch.Tensor]:
 
 def _phi_wide(x: torch.Tensor, p: float) -> torch.Tensor:
     """phi_p(x) in float64 (float32 on MPS, ``x * |x|**(p-1)``, exact for zeros and infinities)."""
+    if p == 1.0:
+        return x.to(torch.float64 if x.device.type != "mps" else torch.float32)
     if x.device.type == "mps":
         a = x.abs().pow_(p - 1.0)
         if p < 1.0:
@@ -89,6 +93,13 @@ def phi_sum_sq(
             total += h.double().square().sum()
         sums.append(total.float())
     return torch.stack(sums) if sums else torch.zeros(0)
+
+
+@torch.no_grad()
+def phi_sum_sq_(tensors: Sequence[torch.Tensor], p: float) -> torch.Tensor:
+    """In place ``g <- phi_p(g)`` and the per-tensor sums of squares of the result (float32, one per tensor)."""
+    phi_(tensors, p)
+    return phi_sum_sq(tensors, 1.0)
 
 
 def torch_adamw_(

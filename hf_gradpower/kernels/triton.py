@@ -37,9 +37,13 @@ from collections.abc import Sequence
 
 import torch
 
+from hf_gradpower.kernels import eager
 from hf_gradpower.kernels.common import AdamWScalars, plain_dense
 
 NAME = "triton"
+# Bytes, not arithmetic, bound these kernels: clipping's norm pass only reads (4 bytes per fp32 element) and the step
+# computes phi again, rather than writing phi in the norm pass (4 more bytes, and the step re-reads it).
+WRITES_PHI_IN_NORM_PASS = False
 BLOCK = 1024  # elements per Triton program
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # phi's maximum error against float64 for fp32, 0 < p <= 4, in units of 2**-23 |phi| (the C kernel's unit):
@@ -235,6 +239,13 @@ def phi_sum_sq(
             where = _to_device(torch.tensor([idx[i] for i in sub], dtype=torch.int64), device)
             sums.index_add_(0, where[block_map[1].long()], partial)
     return sums
+
+
+def phi_sum_sq_(tensors: Sequence[torch.Tensor], p: float) -> torch.Tensor:
+    """In place ``g <- phi_p(g)`` and the per-tensor sums of squares of the result (clipping does not take this
+    route on accelerators, see ``WRITES_PHI_IN_NORM_PASS``; it completes the op set)."""
+    phi_(tensors, p)
+    return eager.phi_sum_sq(tensors, 1.0)
 
 
 def adamw_takes(params, grads, exp_avgs, exp_avg_sqs) -> bool:
