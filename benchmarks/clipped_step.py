@@ -158,8 +158,10 @@ def markdown(result: dict) -> str:
         f"{first['parameters'] / 1e6:.1f}M parameters, clipping to max_norm {result['max_norm']} (active), median of "
         f"{result['steps']} interleaved steps, torch {result['torch']}. Baselines: `adamw` = clip_grad_norm_ + fused "
         "AdamW (Trainer's AdamW with clipping), `sgd` = clip_grad_norm_ + SGD, `muon` = clip_grad_norm_ + Muon. "
-        "`adampower` = GradPowerTrainer's default path (clip_and_power_ + the one-pass step); `-apply_now` = phi "
-        "written first, then clip_grad_norm_, then the step.",
+        "`adampower` = GradPowerTrainer's default path, clip_and_power_ + the step (on a CPU the norm pass writes "
+        "phi and the step is AdamW on coef * phi; on an accelerator the norm pass only reads and the one-pass step "
+        "applies phi and coef); `-read_only` = the accelerator route on CPU tensors; `-apply_now` = phi written "
+        "first, then clip_grad_norm_, then the step.",
     ]
     return markdown_report(head, result, markdown_block)
 

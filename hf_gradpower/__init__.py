@@ -4,7 +4,7 @@ Layers, following ``theta <- theta - lr * Q(phi(g))``:
   transform   phi_p itself, on gradients (DTensor shards included)
   kernels     phi and the fused optimizer steps: eager torch, C and Triton backends, self-checked at first use
   attach      GradPower on any torch optimizer (one line)
-  clipping    clip(phi(g)) for custom loops: the norm of phi(g) in one read-only pass, phi at the step
+  clipping    clip(phi(g)) for custom loops: phi and its norm in one pass, the clip coefficient at the step
   adampower   AdamPower: AdamW with phi in its own step (one pass over memory: C kernel, Triton)
   muon        the Muon/AdamW hybrid (Q for MuonPower)
   optimizers  optimizers by name: adamw, adampower, muon, muonpower, sgdpower, ...

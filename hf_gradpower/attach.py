@@ -28,8 +28,8 @@ The optimizer the user built decides: only an optimizer that was attached (``att
 Order with clipping: by default the hook runs at ``step``, i.e. after any clipping you did.
 The paper's order is power first, clip(phi(g)). Two ways to get it in a custom loop:
   * :func:`hf_gradpower.clip_and_power_` in place of ``clip_grad_norm_`` (the default of ``GradPowerTrainer``):
-    the norm of phi(g) from one read-only pass, and the next ``step`` applies phi and the clip coefficient in
-    its own pass over the gradients (inside AdamPower's one-pass step where it runs);
+    phi(g) and its norm in one pass, and the next ``step`` applies the clip coefficient in its own pass over
+    the gradients (on accelerators the norm pass only reads and the step applies phi too);
   * :func:`apply_now` before ``clip_grad_norm_``: phi is written into the gradients now and the hook skips
     that step (a pass of its own, then clipping's two).
 """

@@ -1,32 +1,34 @@
-"""Gradient clipping that knows phi: clip(phi(g)), the paper's order, at the cost of one read-only pass.
+"""Gradient clipping that knows phi: clip(phi(g)), the paper's order, with phi computed once per step.
 
 ``clip_and_power_(optimizer, max_norm)`` takes the place of "phi, then ``torch.nn.utils.clip_grad_norm_``,
 then ``step``" (what :func:`hf_gradpower.apply_now` + ``clip_grad_norm_`` do) and gives the same update:
 
-1. the total 2-norm of phi_p(g) over the optimizer's gradients from one read-only pass (phi in registers,
-   the squares summed in float64); FSDP2 ``DTensor`` shards are summed over the ranks that shard them, as
-   ``clip_grad_norm_`` does, and DDP gradients are already reduced;
+1. the total 2-norm of phi_p(g) over the optimizer's gradients from one pass (the squares summed in float64);
+   FSDP2 ``DTensor`` shards are summed over the ranks that shard them, as ``clip_grad_norm_`` does, and DDP
+   gradients are already reduced;
 2. the clip coefficient ``min(1, max_norm / (norm + 1e-6))``, torch's formula in float32, as a 0-d tensor on
    the gradients' device (no host sync);
-3. the next ``optimizer.step()`` multiplies phi(g) by it in its own pass over the gradients: inside
-   AdamPower's one-pass step (CPU C kernel), and otherwise as "coef * phi(g) in one pass over the gradients,
-   then the base step" (``attach`` on SGD, Adagrad, AdamW...; MuonPower; AdamPower where the one-pass step
-   does not run).
+3. the next ``optimizer.step()`` multiplies phi(g) by it in its own pass over the gradients.
 
-Why phi is computed twice (in the norm pass and in the step) rather than written once: writing phi(g) back
-costs a write of every gradient (4 bytes per element, plus the re-read by the step), recomputing costs
-arithmetic only. Per fp32 element, Trainer's own AdamW with clipping moves 40 bytes (norm 4, scaling 8,
-AdamW 28), apply_now + clipping + AdamW 48, this route 32 (norm 4, AdamPower's one-pass step 28) against 36
-if phi were written once. On accelerators bytes decide. On a CPU it depends on the core
-(``python -m benchmarks.clipped_step``, 34M-parameter LLaMA, AMD EPYC with AVX2 only, 2-core KVM guest):
-with 2 threads this route costs 1.19x Trainer's AdamW with clipping and writing phi first 1.44x; on one
-thread, where phi's arithmetic and not memory sets the pace, this route costs 1.70x and writing phi first
-1.46x.
+The kernel backends serving the gradients choose between two routes, one bound by arithmetic and one by bytes:
+
+* write once (CPU: the C kernel, eager torch): the norm pass stores phi(g) into the gradients while it sums
+  the squares, and the step applies only the coefficient (AdamPower: AdamW on coef * phi(g) in one pass;
+  ``attach`` and MuonPower: one multiply, then the base step). ``.grad`` holds phi(g) after the call.
+* read only (Triton): the norm pass only reads (phi in registers), and the step computes phi again with the
+  coefficient (inside AdamPower's one-pass step and MuonPower's fused momentum, else one pass of coef * phi(g)
+  before the base step). Per fp32 element that moves 32 bytes (norm 4, one-pass AdamW 28) against 36 for
+  writing phi once, and 40 for Trainer's AdamW with clipping (norm 4, scaling 8, AdamW 28).
+
+On a CPU core arithmetic decides (``python -m benchmarks.clipped_step``, 34M-parameter LLaMA, AMD EPYC with AVX2
+only, 2-core KVM guest, against Trainer's AdamW with clipping): write once 1.39x at 1 thread and 1.13x at 2
+threads, read only 1.75x and 1.18x. With a loss scale still on the gradients (``grad_scale``) the norm pass reads
+only, so that nothing is written before GradScaler's inf check.
 
 Faults, as ``clip_grad_norm_`` + ``GradScaler``: a non-finite norm gives a nan coefficient (torch's formula),
-so the step would write nan; GradScaler skips that step, since its inf check reads the gradients, which this
-route leaves untouched until the step. A skipped step leaves the coefficient unused; the next call replaces
-it. ``max_norm <= 0``: no clipping (the norm is still returned; phi runs in the step as usual).
+so the step would write nan; GradScaler skips that step (its inf check finds the inf or nan, which phi keeps).
+A skipped step leaves the coefficient unused; the next call replaces it. ``max_norm <= 0``: no clipping (the
+norm is still returned from a read-only pass; phi runs in the step as usual).
 Optimizers without GradPower (or p = 1 everywhere) are clipped by torch's own ``clip_grad_norm_``, bit for bit.
 """
 

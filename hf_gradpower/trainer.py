@@ -15,8 +15,9 @@ logged with the train loss (``noise/b_simple``, ``noise/grad_sq``, ``noise/trace
 
 Order (``gradpower_order``):
   * ``"before_clip"`` (default, the paper's Algorithm 1: clip(phi(g))): ``_clip_grad_norm`` runs
-    :func:`hf_gradpower.clip_and_power_`: the norm of phi(g) from one read-only pass, and the optimizer step
-    applies phi and the clip coefficient in its own pass (under fp16 the norm is that of phi(g / s), s the
+    :func:`hf_gradpower.clip_and_power_`: the norm of phi(g) from one pass (on a CPU it also writes phi; on an
+    accelerator it only reads), and the optimizer step applies the clip coefficient (and phi, if not written) in
+    its own pass (under fp16 the norm is that of phi(g / s), s the
     loss scale the gradients still carry). The logged ``grad_norm`` is that of phi(g). Under DeepSpeed,
     FSDP1, XLA or mixed device meshes phi is written into the gradients first and Trainer clips them.
   * ``"after_clip"`` (phi(clip(g))): phi runs in the optimizer's step pre-hook; ``grad_norm`` is
