@@ -57,6 +57,25 @@ def test_self_check_rejects_a_slightly_wrong_phi_and_a_wrong_adamw(interpreter, 
         selfcheck.check(triton_backend, torch.device("cpu"), (torch.bfloat16, torch.bfloat16))
 
 
+@pytest.mark.parametrize("fault", ["sum-of-squares off by 1e-4", "norm pass writes nothing", "coefficient ignored"])
+def test_self_check_rejects_wrong_clipping_ops(interpreter, monkeypatch, fault):
+    """The ops clipping uses are probed too: a sum of squares 1e-4 off, a write-once norm pass that leaves the
+    gradients as they were, an AdamW step that drops the clip coefficient: each caught before any use."""
+    real_sum, real_adamw = triton_backend.phi_sum_sq, triton_backend.adamw_
+    combo = (torch.float32,)
+    if fault == "sum-of-squares off by 1e-4":
+        monkeypatch.setattr(triton_backend, "phi_sum_sq", lambda ts, p, **kw: real_sum(ts, p, **kw) * 1.0001)
+        match = "read-only sums of squares"
+    elif fault == "norm pass writes nothing":
+        monkeypatch.setattr(triton_backend, "phi_sum_sq_", lambda ts, p: real_sum(ts, p))
+        match = "phi written by the sums of squares"
+    else:
+        monkeypatch.setattr(triton_backend, "adamw_", lambda *a, coef=None: real_adamw(*a))
+        combo, match = (torch.float32, torch.float32), "clip coefficient 0.3125"
+    with pytest.raises(AssertionError, match=match):
+        selfcheck.check(triton_backend, torch.device("cpu"), combo)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # fault injection: three optimizers, each against the same run on the eager backend
 # ----------------------------------------------------------------------------------------------------------
