@@ -118,10 +118,22 @@ def _run(backend: ModuleType, key_tensor: torch.Tensor, dtypes: tuple, op: str, 
         return getattr(eager, op)(*args, **kwargs)
 
 
+def _kind(t: torch.Tensor) -> tuple:
+    """What a backend's choice depends on (class, layout, device, dtype): decided once per kind and call, not once
+    per tensor (a step passes hundreds of tensors through here)."""
+    return type(t), t.layout, t.device, t.dtype
+
+
 def _grouped(tensors: Sequence[torch.Tensor], p: float) -> dict:
+    """Tensors by (serving backend, device, dtype), in input order within each group."""
+    mode = kernel_mode()
+    chosen: dict = {}
     groups: dict = {}
     for t in tensors:
-        groups.setdefault((backend_for(t, p), t.device, t.dtype), []).append(t)
+        kind = _kind(t)
+        if kind not in chosen:
+            chosen[kind] = _checked(_candidate(t, p, mode), t.device, (t.dtype,), mode)
+        groups.setdefault((chosen[kind], t.device, t.dtype), []).append(t)
     return groups
 
 
@@ -163,7 +175,7 @@ def phi_sum_sq_(tensors: Sequence[torch.Tensor], p: float) -> list[torch.Tensor]
 def writes_phi_in_norm_pass(tensors: Sequence[torch.Tensor], p: float) -> bool:
     """Whether clipping should write phi while it sums the squares (every backend serving these tensors is bound by
     arithmetic, e.g. a CPU core) rather than read only and leave phi to the step (bytes bound, accelerators)."""
-    return all(backend_for(t, p).WRITES_PHI_IN_NORM_PASS for t in tensors)
+    return all(backend.WRITES_PHI_IN_NORM_PASS for backend, _, _ in _grouped(tensors, p))
 
 
 def adamw_backend(params, grads, p: float) -> ModuleType:
@@ -172,7 +184,8 @@ def adamw_backend(params, grads, p: float) -> ModuleType:
     if not params:
         return eager
     mode = kernel_mode()
-    chosen = {(_candidate(q, p, mode), _candidate(g, p, mode)) for q, g in zip(params, grads, strict=True)}
+    pairs = {(_kind(q), _kind(g)): (q, g) for q, g in zip(params, grads, strict=True)}
+    chosen = {(_candidate(q, p, mode), _candidate(g, p, mode)) for q, g in pairs.values()}
     if len(chosen) != 1 or len({*chosen.pop()}) != 1:
         return eager
     backend = _candidate(params[0], p, mode)
@@ -180,7 +193,7 @@ def adamw_backend(params, grads, p: float) -> ModuleType:
         params, grads, params, params
     ):  # state is made like params
         return eager
-    for q, g in zip(params, grads, strict=True):
+    for q, g in pairs.values():
         if _checked(backend, q.device, (q.dtype, g.dtype), mode) is eager:
             return eager
     return backend
