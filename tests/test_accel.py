@@ -292,9 +292,10 @@ def test_kernels_compile_for_an_h100_with_exact_fp32_math_and_vector_loads(compi
     powers = {n: "fp32" for n in ("qh", "ql", "ph", "pl")}
     phi = ASTSource(
         fn=compiled_kernels.phi_kernel,
-        signature={"addr_ptr": "*i64", **table, "scale_ptr": "*fp32", **powers,
-                   **dict.fromkeys(("HAS_SCALE", "DTYPE", "ALIGNED", "BLOCK"), "constexpr")},
-        constexprs={"HAS_SCALE": True, "DTYPE": tl.bfloat16, "ALIGNED": True, "BLOCK": triton_backend.BLOCK},
+        signature={"addr_ptr": "*i64", **table, "scale_ptr": "*fp32", "coef_ptr": "*fp32", **powers,
+                   **dict.fromkeys(("HAS_SCALE", "HAS_COEF", "DTYPE", "ALIGNED", "BLOCK"), "constexpr")},
+        constexprs={"HAS_SCALE": True, "HAS_COEF": True, "DTYPE": tl.bfloat16, "ALIGNED": True,
+                    "BLOCK": triton_backend.BLOCK},
     )  # fmt: skip
     addresses = ("param_addr_ptr", "grad_addr_ptr", "exp_avg_addr_ptr", "exp_avg_sq_addr_ptr")
     adamw = ASTSource(
@@ -343,7 +344,8 @@ def test_dtensor_shards_take_the_same_fused_path(interpreter, cpu_mesh):
 
 def test_sum_of_squares_and_coef_match_the_eager_backend(interpreter):
     """The operations fused clipping builds on: per-tensor sums of squares of phi(g) (read only, with and
-    without a loss scale) and a 0-d coef multiplied into phi(g) inside the AdamW and Muon momentum kernels."""
+    without a loss scale), a 0-d coef multiplied into phi(g) inside the phi kernel (bit for bit phi, rounded to
+    the storage dtype, then one float32 multiply rounded to it), the AdamW and the Muon momentum kernels."""
     gen = torch.Generator().manual_seed(4)
     grads = [torch.randn(2500, generator=gen) * 1e-2, torch.randn(33, 40, generator=gen).t() * 1e-3,
              torch.randn(0), torch.randn(7, generator=gen).bfloat16()]  # fmt: skip
@@ -355,6 +357,12 @@ def test_sum_of_squares_and_coef_match_the_eager_backend(interpreter):
         assert torch.equal(torch.stack(dispatch.phi_sum_sq(grads, 1.2, grad_scale=scale)), got)  # input order
     assert all(torch.equal(g, o) for g, o in zip(grads, originals, strict=True))
     coef = torch.tensor(0.37)
+    fused, plain = [g.clone() for g in originals], [g.clone() for g in originals]
+    triton_backend.phi_(fused, 1.2, coef=coef)
+    triton_backend.phi_(plain, 1.2)
+    for a, b in zip(fused, plain, strict=True):  # the interpreter rounds float32 -> bf16 toward zero: 1 ulp there
+        want = (b.float() * coef).to(b.dtype)
+        assert torch.equal(a, want) if a.dtype == torch.float32 else ulps(a, want.double()) <= 1
     group = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, foreach=None, fused=None, amsgrad=False,
                  maximize=False, capturable=False, differentiable=False)  # fmt: skip
     runs = []

@@ -131,9 +131,12 @@ def _typed(addr_ptr, tid, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _phi_body(g_ptr, offsets, mask, qh, ql, ph, pl, scale_m, scale_e, scale_lm):
+def _phi_body(g_ptr, offsets, mask, qh, ql, ph, pl, scale_m, scale_e, scale_lm, coef, HAS_COEF: tl.constexpr):
     g = tl.load(g_ptr + offsets, mask=mask).to(tl.float32)
-    tl.store(g_ptr + offsets, _phi(g, qh, ql, ph, pl, scale_m, scale_e, scale_lm).to(g_ptr.dtype.element_ty), mask=mask)
+    h = _phi(g, qh, ql, ph, pl, scale_m, scale_e, scale_lm).to(g_ptr.dtype.element_ty)
+    if HAS_COEF:  # phi rounded to the storage dtype, then the float32 product rounded: clipping a stored phi
+        h = (h.to(tl.float32) * coef).to(g_ptr.dtype.element_ty)
+    tl.store(g_ptr + offsets, h, mask=mask)
 
 
 @triton.jit
@@ -150,10 +153,11 @@ def _scale_parts(scale_ptr, HAS_SCALE: tl.constexpr):
 
 @triton.jit
 def phi_kernel(
-    addr_ptr, numel_ptr, block_tensor_ptr, first_block_ptr, scale_ptr, qh, ql, ph, pl,
-    HAS_SCALE: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    addr_ptr, numel_ptr, block_tensor_ptr, first_block_ptr, scale_ptr, coef_ptr, qh, ql, ph, pl,
+    HAS_SCALE: tl.constexpr, HAS_COEF: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """In place ``g <- s * phi_p(g / s)`` over a table of same-dtype tensors (one read, one write).
+    """In place ``g <- coef * s * phi_p(g / s)`` over a table of same-dtype tensors (one read, one write).
 
     Whole blocks run unmasked, so the compiler can vectorise their loads and stores; a tensor's last
     partial block runs masked.
@@ -161,10 +165,13 @@ def phi_kernel(
     tid, offsets, whole, numel = _block(numel_ptr, block_tensor_ptr, first_block_ptr, BLOCK)
     g_ptr = _typed(addr_ptr, tid, DTYPE, ALIGNED)
     scale_m, scale_e, scale_lm = _scale_parts(scale_ptr, HAS_SCALE)
+    coef = 1.0
+    if HAS_COEF:
+        coef = tl.load(coef_ptr).to(tl.float32)
     if whole:
-        _phi_body(g_ptr, offsets, None, qh, ql, ph, pl, scale_m, scale_e, scale_lm)
+        _phi_body(g_ptr, offsets, None, qh, ql, ph, pl, scale_m, scale_e, scale_lm, coef, HAS_COEF)
     else:
-        _phi_body(g_ptr, offsets, offsets < numel, qh, ql, ph, pl, scale_m, scale_e, scale_lm)
+        _phi_body(g_ptr, offsets, offsets < numel, qh, ql, ph, pl, scale_m, scale_e, scale_lm, coef, HAS_COEF)
 
 
 @triton.jit

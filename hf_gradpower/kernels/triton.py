@@ -196,9 +196,9 @@ def _scale_arg(scale, device: torch.device, fallback: torch.Tensor) -> torch.Ten
 def phi_(
     tensors: Sequence[torch.Tensor], p: float, *, grad_scale: torch.Tensor | float | None = None, coef=None
 ) -> None:
-    """In place ``g <- coef * s * phi_p(g / s)`` (``s = grad_scale``, or 1): one launch per (device, dtype,
-    alignment); each element is read once and written once; a clip coefficient ``coef`` (0-d tensor) is a second
-    pass (``_foreach_mul_``) for now: the phi kernel does not take it."""
+    """In place ``g <- coef * s * phi_p(g / s)`` (``s = grad_scale``, ``coef`` a 0-d tensor, each 1 if None): one
+    launch per (device, dtype, alignment); each element is read once and written once, phi rounded to the storage
+    dtype before the float32 product by ``coef``, as clipping a stored phi would."""
     contiguous = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     powers, k = _power_args(p), _jit()
     kinds = _by_kind(range(len(tensors)), lambda i: (tensors[i].device, tensors[i].dtype))
@@ -206,11 +206,10 @@ def phi_(
         for _, (addresses,), block_map, aligned in _launches([[contiguous[i] for i in idx]], device):
             with _on(device):
                 k.phi_kernel[(block_map[1].numel(),)](
-                    addresses, *block_map, _scale_arg(grad_scale, device, addresses), *powers,
-                    HAS_SCALE=grad_scale is not None, DTYPE=_tl_dtype(dtype), ALIGNED=aligned, BLOCK=BLOCK, **EXACT,
+                    addresses, *block_map, _scale_arg(grad_scale, device, addresses),
+                    _scale_arg(coef, device, addresses), *powers, HAS_SCALE=grad_scale is not None,
+                    HAS_COEF=coef is not None, DTYPE=_tl_dtype(dtype), ALIGNED=aligned, BLOCK=BLOCK, **EXACT,
                 )  # fmt: skip
-    if coef is not None and contiguous:
-        torch._foreach_mul_(contiguous, coef)
     for t, c in zip(tensors, contiguous, strict=True):
         if c is not t:
             t.copy_(c)
