@@ -229,7 +229,7 @@ def _plot(plan: Plan, studies: dict[str, dict], path: Path) -> None:
             )
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
-    fig.suptitle(f"Eval loss against p (tiny LLaMA, wsd, batch {BASE_BATCH} x {SEQ_LEN}); {MACHINE}")
+    fig.suptitle(f"Eval loss against p (tiny LLaMA, wsd, batch {BASE_BATCH} x {SEQ_LEN})\n{MACHINE}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -168,3 +168,15 @@ def test_readme_results_quote_the_reproduction_summary():
     assert (
         f"{long['epochs']:.1f} epochs" in text and "{} of {} evaluations".format(*long["evals_lower"]) in text
     )
+
+
+def test_readme_results_quote_every_validated_choice_of_p():
+    """Each optimizer and regime whose choice of p was validated on fresh seeds is in the README's results with the
+    report's own basis sentence."""
+    import json
+
+    text = README.read_text()
+    studies = json.loads((REPO / "docs" / "reproduction" / "summary.json").read_text())["which_p"]["studies"]
+    validated = [s for s in studies.values() if s["validated"]]
+    assert validated, "the shipped report validates no choice of p"
+    assert [s["basis"] for s in validated if s["basis"] not in text] == []
