@@ -14,7 +14,10 @@ Qwen2MoE experts as ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I]). Ea
 is orthogonalised on its own, and a group with ``ns_split=2`` also splits each expert's matrix into
 its gate and up halves first, so every orthogonalised matrix is one linear map of the model.
 2-D matrices go through torch's own Newton-Schulz and are bit-identical to ``torch.optim.Muon``;
-stacks of matrices go through a batched copy of the same iteration.
+stacks of matrices go through a batched copy of the same iteration. On CPUs without bf16 matrix
+instructions (no AVX-512: torch multiplies bf16 there with a scalar loop), the same bf16 iteration runs its
+products as fp32 GEMMs of the bf16 values, rounded to bf16 once per product (see
+:func:`newton_schulz_in_fp32_gemms`).
 
 Sharded parameters: FSDP2 ``DTensor`` shards keep momentum, weight decay and the update on each rank;
 Newton-Schulz runs per owner rank (:mod:`hf_gradpower.muon_sharded`), bit-identical to one process.
@@ -24,7 +27,7 @@ are refused.
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.distributed as dist
@@ -227,11 +230,24 @@ def orthogonalise_update(
 ) -> torch.Tensor:
     """Newton-Schulz of each matrix of ``update`` (a 2-D matrix or a [E, rows, cols] stack), same shape, bf16."""
     matrices = _as_matrices(update, split)
-    if matrices.ndim == 2:
+    if newton_schulz_in_fp32_gemms(matrices.device):
+        ortho = _zeropower_via_newtonschulz_fp32_gemms(matrices, ns_coefficients, ns_steps, eps)
+    elif matrices.ndim == 2:
         ortho = _zeropower_via_newtonschulz(matrices, ns_coefficients, ns_steps, eps)
     else:
         ortho = _zeropower_via_newtonschulz_batched(matrices, ns_coefficients, ns_steps, eps)
     return ortho.reshape(update.shape)  # the transposed (rows < cols) result is not contiguous: no view
+
+
+def newton_schulz_in_fp32_gemms(device: torch.device) -> bool:
+    """Whether Newton-Schulz on ``device`` computes its bf16 products with fp32 GEMMs: on CPUs whose torch has
+    no bf16 GEMM (oneDNN needs AVX-512), a bf16 product runs 15-60x slower than the fp32 one."""
+    return device.type == "cpu" and not _cpu_has_bf16_gemm()
+
+
+@cache
+def _cpu_has_bf16_gemm() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def is_row_sharded_matrix(param: torch.Tensor) -> bool:
@@ -281,6 +297,30 @@ def _zeropower_via_newtonschulz_batched(
         gram = x @ x.mT
         gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.baddbmm(x, gram_update, x, beta=a)
+    return x.mT if transposed else x
+
+
+def _zeropower_via_newtonschulz_fp32_gemms(
+    grads: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float
+) -> torch.Tensor:
+    """Torch's bf16 Newton-Schulz (2-D or a stack) with each product an fp32 GEMM of bf16 values, rounded to bf16.
+
+    A product of two bf16 numbers is exact in fp32 and torch's bf16 GEMM accumulates in fp32 and rounds once,
+    so only the order of the fp32 sums differs from torch's route: the results differ by a fraction of bf16
+    Newton-Schulz's own rounding error (``tests/test_muon.py`` measures both against float64).
+    """
+    a, b, c = ns_coefficients
+    x = grads.bfloat16()
+    transposed = grads.size(-2) > grads.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    stack = x.float() if x.ndim == 3 else x.float().unsqueeze(0)
+    for _ in range(ns_steps):
+        gram = (stack @ stack.mT).bfloat16().float()
+        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c).bfloat16().float()
+        stack = torch.baddbmm(stack, gram_update, stack, beta=a).bfloat16().float()
+    x = stack.bfloat16() if x.ndim == 3 else stack.squeeze(0).bfloat16()
     return x.mT if transposed else x
 
 

@@ -43,7 +43,9 @@ def torch_reference_optimizers(model, lr, wd):
     return muon, adamw
 
 
-def test_muon_equals_torch_muon_plus_adamw_bit_for_bit():
+def test_muon_equals_torch_muon_plus_adamw_bit_for_bit(monkeypatch):
+    # torch's own Newton-Schulz route, also on CPUs without bf16 GEMMs (which take the fp32-GEMM route)
+    monkeypatch.setattr("hf_gradpower.muon._cpu_has_bf16_gemm", lambda: True)
     ours, ref = tiny_llama(), tiny_llama()
     opt = gp.build_optimizer(ours, "muon", lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
     muon, adamw = torch_reference_optimizers(ref, lr=3e-3, wd=0.1)
@@ -191,3 +193,53 @@ def test_muon_refuses_flattened_or_sharded_parameters():
 def test_muon_needs_the_model():
     with pytest.raises(ValueError, match="needs the model"):
         gp.build_optimizer(tiny_llama().parameters(), "muon", lr=1e-3)
+
+
+def _newton_schulz_float64(g: torch.Tensor, coefficients, steps: int) -> torch.Tensor:
+    """The same quintic iteration in float64: the reference both bf16 routes are measured against."""
+    a, b, c = coefficients
+    x = g.double().mT if g.size(-2) > g.size(-1) else g.double()
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if g.size(-2) > g.size(-1) else x
+
+
+@pytest.mark.parametrize("shape", [(96, 48), (40, 112), (64, 64), (3, 48, 16), (2, 16, 40)])
+def test_newton_schulz_in_fp32_gemms_is_bf16_newton_schulz(shape):
+    """The fp32-GEMM route (CPUs without bf16 GEMMs) is torch's bf16 iteration: as far from float64 as torch's
+    route, far closer to torch's route than that, and not an fp32 iteration (which would be ~1e-6 from float64)."""
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS
+    from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
+
+    from hf_gradpower.muon import _zeropower_via_newtonschulz_fp32_gemms as fp32_gemm_ns
+
+    coefficients = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    ours = fp32_gemm_ns(g, coefficients, 5, EPS)
+    theirs = torch.stack([torch_ns(m, coefficients, 5, EPS) for m in g]) if g.ndim == 3 else torch_ns(
+        g, coefficients, 5, EPS)
+    exact = _newton_schulz_float64(g, coefficients, 5)
+
+    def rel(x, y):
+        return ((x.double() - y.double()).norm() / y.double().norm()).item()
+
+    assert ours.dtype == torch.bfloat16 and ours.shape == g.shape
+    torch_error, our_error = rel(theirs, exact), rel(ours, exact)
+    assert 3e-3 < torch_error < 3e-2  # bf16 rounding through five iterations
+    assert 0.8 * torch_error < our_error < 1.25 * torch_error
+    assert rel(ours, theirs) < 0.35 * torch_error
+
+
+def test_muon_on_cpu_routes_stay_within_bf16_noise_of_torch_muon():
+    """Whichever Newton-Schulz route this CPU takes, 20 training steps track torch.optim.Muon's closely."""
+    ours, ref = tiny_llama(), tiny_llama()
+    start = [q.detach().clone() for q in ours.parameters()]
+    opt = gp.build_optimizer(ours, "muon", lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    losses = train(ours, opt.step)
+    muon, adamw = torch_reference_optimizers(ref, lr=3e-3, wd=0.1)
+    ref_losses = train(ref, lambda: (muon.step(), adamw.step()))
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) < 2e-4 * ref_losses[0]
+    for a, b, s in zip(ours.parameters(), ref.parameters(), start, strict=True):
+        assert (a - b).abs().max() < 0.05 * (b - s).abs().max() + 1e-6
