@@ -18,7 +18,7 @@ saved copy outside the timed region, every row interleaved step by step, once pe
   against ``attach(SGD)`` with ``clip_and_power_`` (CPU: phi written by the norm pass, the coefficient multiplied
   in at the step; read only: phi and the coefficient in one pass at the step), then SGD;
 * ``muon`` / ``muonpower``: MuonAdamW with ``clip_grad_norm_`` against MuonPower with ``clip_and_power_``
-  (the fastest phi implementation).
+  (the fastest phi implementation), at each thread count.
 
 ``impl`` is each CPU phi implementation this machine builds (C kernel variants, eager torch ops), as in
 :mod:`benchmarks.optimizer_step`. Writes ``clipped_step_<device>.md`` / ``.json`` naming the CPU and its ISA.
@@ -50,6 +50,7 @@ APPLY_NOW = "-apply_now"
 READ_ONLY = "-read_only"
 BASES = {"adampower": "adamw", "adampower" + APPLY_NOW: "adamw", "adampower" + READ_ONLY: "adamw",
          "sgdpower": "sgd", "sgdpower" + READ_ONLY: "sgd", "muonpower": "muon"}  # fmt: skip
+MUON_BLOCK = " muon"  # key suffix of a thread count's Muon rows
 STEP_BYTES = {"adamw": 40, "adampower": 32}  # per fp32 parameter, see the module docstring
 
 
@@ -106,16 +107,17 @@ def run(
             rows += [(name, k) for k in kernels if not (name.endswith(READ_ONLY) and k == "eager-torch")]
     timed = dict(build_fn=build, step_fn=clipped_step, small=small)
     results = {}
+    fastest = next((k for k in kernels.values() if k is not None), None)
     for t in threads:
         torch.set_num_threads(t)
         results[str(t)] = time_steps(device, steps, warmup, rows, kernels, **timed)
         print(markdown_block(str(t), results[str(t)]))
-    if muon:
-        fastest = next((k for k in kernels.values() if k is not None), None)
-        with cpu.using_kernel(fastest) if device == "cpu" else contextlib.nullcontext():
-            results["muon"] = time_steps(
-                device, steps, warmup, [("muon", None), ("muonpower", None)], {}, **timed
-            )
+        if muon:
+            with cpu.using_kernel(fastest) if device == "cpu" else contextlib.nullcontext():
+                results[f"{t}{MUON_BLOCK}"] = time_steps(
+                    device, steps, warmup, [("muon", None), ("muonpower", None)], {}, **timed
+                )
+            print(markdown_block(f"{t}{MUON_BLOCK}", results[f"{t}{MUON_BLOCK}"]))
     return {
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
         "cpu": cpu_name(),
@@ -140,7 +142,8 @@ def ratios(block: dict) -> dict[str, float]:
 
 
 def markdown_block(threads: str, block: dict) -> str:
-    title = "**Muon**" if threads == "muon" else f"**{threads} thread{'s' if threads != '1' else ''}**"
+    count = threads.removesuffix(MUON_BLOCK)
+    title = f"**{'Muon, ' if threads.endswith(MUON_BLOCK) else ''}{count} thread{'s' if count != '1' else ''}**"
     lines = [title, "", "| clipping + step [phi implementation] | ms | 25-75% (ms) | vs its baseline |",
              "|---|---:|---:|---:|"]  # fmt: skip
     ratio = ratios(block)

@@ -336,7 +336,8 @@ def test_clipped_step_benchmark_times_every_route_and_names_the_cpu(tmp_path):
         "adampower-apply_now[eager-torch]",
         "sgdpower[eager-torch]",
     } <= set(rows)
-    assert set(result["threads"]["muon"]["rows"]) == {"muon", "muonpower"}
+    assert set(result["threads"]["1 muon"]["rows"]) == {"muon", "muonpower"}
+    assert "**Muon, 1 thread**" in (tmp_path / "clipped_step_cpu_smoke.md").read_text()
     assert set(clipped_step.ratios(result["threads"]["1"])) == {k for k in rows if "power" in k}
     report = (tmp_path / "clipped_step_cpu_smoke.md").read_text()
     assert result["cpu"] in report and "adampower-apply_now" in report
