@@ -21,8 +21,8 @@ The kernel backends serving the gradients choose between two routes, one bound b
   writing phi once, and 40 for Trainer's AdamW with clipping (norm 4, scaling 8, AdamW 28).
 
 On a CPU core arithmetic decides (``python -m benchmarks.clipped_step``, 34M-parameter LLaMA, AMD EPYC with AVX2
-only, 2-core KVM guest, against Trainer's AdamW with clipping): write once 1.39x at 1 thread and 1.13x at 2
-threads, read only 1.75x and 1.18x. With a loss scale still on the gradients (``grad_scale``) the norm pass reads
+only, 2-core KVM guest, against Trainer's AdamW with clipping, medians of five runs): write once 1.25x at 1
+thread and 1.00x at 2 threads, read only 1.56x and 1.12x. With a loss scale still on the gradients (``grad_scale``) the norm pass reads
 only, so that nothing is written before GradScaler's inf check.
 
 Faults, as ``clip_grad_norm_`` + ``GradScaler``: a non-finite norm gives a nan coefficient (torch's formula),
