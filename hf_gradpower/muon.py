@@ -231,7 +231,7 @@ def orthogonalise_update(
     """Newton-Schulz of each matrix of ``update`` (a 2-D matrix or a [E, rows, cols] stack), same shape, bf16."""
     matrices = _as_matrices(update, split)
     if newton_schulz_in_fp32_gemms(matrices.device):
-        ortho = _zeropower_via_newtonschulz_fp32_gemms(matrices, ns_coefficients, ns_steps, eps)
+        ortho = _zeropower_via_newtonschulz_batched(matrices, ns_coefficients, ns_steps, eps, fp32_gemms=True)
     elif matrices.ndim == 2:
         ortho = _zeropower_via_newtonschulz(matrices, ns_coefficients, ns_steps, eps)
     else:
@@ -284,30 +284,16 @@ def _as_matrices(t: torch.Tensor, split: int) -> torch.Tensor:
 
 
 def _zeropower_via_newtonschulz_batched(
-    grads: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float
+    grads: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float,
+    fp32_gemms: bool = False,
 ) -> torch.Tensor:
-    """Torch's quintic Newton-Schulz iteration applied to each matrix of a [N, rows, cols] stack."""
-    a, b, c = ns_coefficients
-    x = grads.bfloat16()
-    transposed = grads.size(-2) > grads.size(-1)
-    if transposed:
-        x = x.mT
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    for _ in range(ns_steps):
-        gram = x @ x.mT
-        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, gram_update, x, beta=a)
-    return x.mT if transposed else x
+    """Torch's quintic bf16 Newton-Schulz iteration applied to each matrix of a [N, rows, cols] stack (or to one
+    2-D matrix with ``fp32_gemms``).
 
-
-def _zeropower_via_newtonschulz_fp32_gemms(
-    grads: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float
-) -> torch.Tensor:
-    """Torch's bf16 Newton-Schulz (2-D or a stack) with each product an fp32 GEMM of bf16 values, rounded to bf16.
-
-    A product of two bf16 numbers is exact in fp32 and torch's bf16 GEMM accumulates in fp32 and rounds once,
-    so only the order of the fp32 sums differs from torch's route: the results differ by a fraction of bf16
-    Newton-Schulz's own rounding error (``tests/test_muon.py`` measures both against float64).
+    ``fp32_gemms``: each product is an fp32 GEMM of bf16 values, rounded to bf16 once. A product of two bf16
+    numbers is exact in fp32, and torch's bf16 GEMM accumulates in fp32 and rounds once, so only the order of the
+    fp32 sums differs from torch's route: the results differ by a fraction of bf16 Newton-Schulz's own rounding
+    error (``tests/test_muon.py`` measures both against float64).
     """
     a, b, c = ns_coefficients
     x = grads.bfloat16()
@@ -315,12 +301,15 @@ def _zeropower_via_newtonschulz_fp32_gemms(
     if transposed:
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    stack = x.float() if x.ndim == 3 else x.float().unsqueeze(0)
+    stack = x.float() if fp32_gemms else x
+    if stack.ndim == 2:
+        stack = stack.unsqueeze(0)
+    rounded = (lambda t: t.bfloat16().float()) if fp32_gemms else (lambda t: t)
     for _ in range(ns_steps):
-        gram = (stack @ stack.mT).bfloat16().float()
-        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c).bfloat16().float()
-        stack = torch.baddbmm(stack, gram_update, stack, beta=a).bfloat16().float()
-    x = stack.bfloat16() if x.ndim == 3 else stack.squeeze(0).bfloat16()
+        gram = rounded(stack @ stack.mT)
+        gram_update = rounded(torch.baddbmm(gram, gram, gram, beta=b, alpha=c))
+        stack = rounded(torch.baddbmm(stack, gram_update, stack, beta=a))
+    x = stack.bfloat16().reshape(x.shape)
     return x.mT if transposed else x
 
 

@@ -213,11 +213,11 @@ def test_newton_schulz_in_fp32_gemms_is_bf16_newton_schulz(shape):
     from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS
     from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
 
-    from hf_gradpower.muon import _zeropower_via_newtonschulz_fp32_gemms as fp32_gemm_ns
+    from hf_gradpower.muon import _zeropower_via_newtonschulz_batched
 
     coefficients = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
     g = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
-    ours = fp32_gemm_ns(g, coefficients, 5, EPS)
+    ours = _zeropower_via_newtonschulz_batched(g, coefficients, 5, EPS, fp32_gemms=True)
     theirs = torch.stack([torch_ns(m, coefficients, 5, EPS) for m in g]) if g.ndim == 3 else torch_ns(
         g, coefficients, 5, EPS)
     exact = _newton_schulz_float64(g, coefficients, 5)
