@@ -69,7 +69,9 @@ def write_report(plan: Plan, results: dict[str, dict], out: Path, evidence: Path
         f"- Long regime (comparison 8, and 6 and 9-17 in part): {long_regime}; wsd, lr {LR:g}.",
         f"- Seeds: {plan.seeds} for the paired comparisons (baseline and GradPower share init and data order per "
         f"seed), {plan.seeds} more for the validation in 6; 1 seed (seed 0) for the batch study (7).",
-        f"- Machine: {MACHINE}.",
+        f"- Machine: {MACHINE}. Muon's Newton-Schulz is bf16 everywhere; on a CPU without bf16 GEMM (the AMD EPYC) "
+        "its products run as fp32 GEMMs of the bf16 values, which differs from torch's bf16 GEMM only in the order "
+        "of the fp32 sums (docs/usage.md, Muon and MuonPower).",
         "- Terminal eval loss = eval loss of the final model. Difference = GradPower - baseline "
         "(negative: GradPower better). Noise flag: |mean paired difference| > 2 x its standard error.",
         "- s/step: training seconds per step, without the evaluations run during training "
