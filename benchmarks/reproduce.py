@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> Path:
         report = write_report(plan, results, args.out, _evidence(args.out))
         print(f"[reproduce] report from {len(results)} cached runs: {report}", flush=True)
         return report
+    write_plan(plan, args.out)
     speed = calibrate(plan.smoke, runs_dir)
-    write_plan(plan, speed, args.out)
     todo = [r for r in specs if not (runs_dir / f"{r.key}.json").exists()]
     est = estimate_seconds(todo, plan, speed) / 60
     budget = (

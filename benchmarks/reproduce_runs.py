@@ -103,12 +103,13 @@ def calibrate(smoke: bool, runs_dir: Path) -> Speed:
     return Speed(step_time, max(0.5, result["wall_s"] - result["train_runtime"]))
 
 
-def write_plan(plan: Plan, speed: Speed, out: Path) -> None:
-    """``<out>/plan.json``: the plan (its definition) and the speed its estimate used, as a record."""
+def write_plan(plan: Plan, out: Path) -> None:
+    """``<out>/plan.json``: the plan's definition alone, so it reads the same from every machine (the
+    measured speed only feeds the printed estimate)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "plan.json"
     part = path.with_suffix(f".json.{os.getpid()}")
-    part.write_text(json.dumps(asdict(plan) | asdict(speed), indent=1))
+    part.write_text(json.dumps(asdict(plan), indent=1))
     os.replace(part, path)  # atomic: parallel --only processes may write it at the same time
 
 
