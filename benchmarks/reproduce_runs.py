@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -38,6 +39,24 @@ def _argv(spec: RunSpec, plan: Plan, output_dir: Path) -> list[str]:
     return [token for key, value in settings.items() for token in (f"--{key}", str(value))]
 
 
+def _progress(key: str, stream, t0: float):
+    """A Trainer callback that prints one line per evaluation to ``stream`` (the real stdout: the run's own
+    output is captured), so a ten-minute run shows that it is alive and where its loss stands."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if metrics and "eval_loss" in metrics:
+                print(
+                    f"    {key}: step {state.global_step}/{state.max_steps}, eval {metrics['eval_loss']:.4f} "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    file=stream,
+                    flush=True,
+                )
+
+    return Progress()
+
+
 def execute(spec: RunSpec, plan: Plan, runs_dir: Path) -> tuple[dict, bool]:
     """(result, ran): the run's stored result, training it first unless ``runs_dir/<key>.json`` exists."""
     path = runs_dir / f"{spec.key}.json"
@@ -52,9 +71,10 @@ def execute(spec: RunSpec, plan: Plan, runs_dir: Path) -> tuple[dict, bool]:
         transformers.logging.set_verbosity_error()
     tmp = Path(tempfile.mkdtemp(prefix="gp_reproduce_"))
     t0 = time.perf_counter()
+    progress = _progress(spec.key, sys.stdout, t0)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            out = run(_argv(spec, plan, tmp / "run"))
+            out = run(_argv(spec, plan, tmp / "run"), callbacks=[progress])
         wall = time.perf_counter() - t0
         history = json.loads((out / "metrics.json").read_text())
         summary = json.loads((out / "gradpower.json").read_text())

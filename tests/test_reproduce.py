@@ -303,7 +303,7 @@ def test_report_of_a_complete_smoke_cache(tmp_path):
     assert (tmp_path / "p_sweep.png").stat().st_size > 1000
 
 
-def test_the_suite_validates_the_choice_once_its_sweep_is_trained(tmp_path):
+def test_the_suite_validates_the_choice_once_its_sweep_is_trained(tmp_path, capsys):
     """One sweep run is missing: the suite trains it, then (second pass) the validation of the p it makes the
     best, then writes the report. Real training of 3 smoke runs; every other run is a stored result."""
     plan = suite_plan(smoke=True, seeds=1)
@@ -328,6 +328,11 @@ def test_the_suite_validates_the_choice_once_its_sweep_is_trained(tmp_path):
         assert "summary" in json.loads((tmp_path / "runs" / f"{r.key}.json").read_text())  # really trained
     assert "**AdamPower, short regime (8 steps)**: the sweep selects p = 0.9" in text
     assert "not yet run" not in text
+    printed = capsys.readouterr().out
+    for r in (missing, validation):  # each trained run showed its evaluation while it ran
+        stored = json.loads((tmp_path / "runs" / f"{r.key}.json").read_text())["log_history"]
+        step, loss = next((row["step"], row["eval_loss"]) for row in stored if "eval_loss" in row)
+        assert f"    {r.key}: step {step}/{r.steps}, eval {loss:.4f} (" in printed
 
 
 def test_smoke_suite_and_resume(tmp_path):
